@@ -1,0 +1,7 @@
+"""``python -m kvpeer`` is the ``kvpeer`` command."""
+
+import sys
+
+from kvpeer.cli import main
+
+sys.exit(main())

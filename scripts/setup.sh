@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a fresh Debian/Ubuntu machine for kvpeer:
+# a virtualenv in .venv with kvpeer, vLLM 0.33.0 and the test tools, and redis-server.
+# Used by scripts/demo.sh and scripts/test.sh; safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e ".[vllm,dev]"
+
+# Redis backs the directory's shared store; its tests start a real redis-server.
+if ! command -v redis-server >/dev/null 2>&1; then
+    sudo=""
+    if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq redis-server >/dev/null
+fi
