@@ -31,6 +31,7 @@ MAX_INGREDIENT_BYTES = 4096
 MISMATCH_HINTS: Mapping[str, str] = MappingProxyType(
     {
         "protocol_version": "upgrade all nodes to the same kvpeer release",
+        "inference_engine": "the nodes run different inference engines",
         "model": "the nodes serve different models",
         "dtype": "the KV cache dtypes differ (--dtype / --kv-cache-dtype)",
         "tokens_per_hash": "the block sizes differ: use the same --block-size on all nodes",
