@@ -1,0 +1,122 @@
+"""``kvpeer directory``: run the directory service until SIGTERM or SIGINT.
+
+Imports nothing from torch or vLLM, so a directory host needs only kvpeer's
+base dependencies. Once serving, prints one line to stdout::
+
+    kvpeer directory ready on 0.0.0.0:7600 (store memory, lease 10.0 s, metrics :9100)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from kvpeer import DEFAULT_DIRECTORY_PORT
+from kvpeer.endpoint import parse_endpoint
+from kvpeer.errors import ConfigError
+from kvpeer.security import Security
+from kvpeer.server.directory_server import DirectoryServer, check_lease_ttl
+from kvpeer.server.directory_store import StoreError, open_store
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--listen",
+        default=f"0.0.0.0:{DEFAULT_DIRECTORY_PORT}",
+        metavar="HOST:PORT",
+        help="gRPC address to serve on (default %(default)s; port 0 picks a free port)",
+    )
+    parser.add_argument(
+        "--store",
+        default="memory",
+        metavar="memory|redis://HOST:PORT/DB",
+        help="where to keep the state: in this process (default) or in Redis, "
+        "shared by every directory replica using it and kept across restarts",
+    )
+    parser.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds a node stays listed without a heartbeat (default %(default)s)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="P",
+        help="serve Prometheus /metrics on this port (same host as --listen; 0: a free port)",
+    )
+    parser.add_argument("--tls-cert", metavar="F", help="PEM certificate: serve TLS")
+    parser.add_argument("--tls-key", metavar="F", help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--tls-ca", metavar="F", help="PEM CA: require client certificates it signed (mutual TLS)"
+    )
+    parser.add_argument(
+        "--auth-token-file", metavar="F", help="refuse calls without this bearer token"
+    )
+
+
+def _security(args: argparse.Namespace) -> Security:
+    tls = {
+        name: path
+        for name, path in (("cert", args.tls_cert), ("key", args.tls_key), ("ca", args.tls_ca))
+        if path is not None
+    }
+    if tls and ("cert" not in tls or "key" not in tls):
+        raise ConfigError("--tls-cert", "give --tls-cert and --tls-key together to serve TLS")
+    try:
+        return Security.from_config(tls or None, args.auth_token_file)
+    except ConfigError as exc:  # name the flag, not the config key: tls.key -> --tls-key
+        raise ConfigError("--" + exc.key.replace(".", "-").replace("_", "-"), exc.problem) from exc
+
+
+def _build(args: argparse.Namespace) -> DirectoryServer:
+    check_lease_ttl(args.lease_ttl, key="--lease-ttl")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise ConfigError("--metrics-port", f"{args.metrics_port} is not a port number")
+    listen = parse_endpoint(args.listen, key="--listen", allow_port_zero=True)
+    security = _security(args)
+    store = open_store(args.store, key="--store")
+    return DirectoryServer(
+        listen,
+        store=store,
+        lease_ttl_s=args.lease_ttl,
+        security=security,
+        metrics_listen=None
+        if args.metrics_port is None
+        else str(listen.with_port(args.metrics_port)),
+        listen_key="--listen",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    stop = threading.Event()
+    try:
+        server = _build(args).start()
+    except (ConfigError, StoreError) as exc:
+        print(f"kvpeer directory: error: {exc}", file=sys.stderr)
+        return 2
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        server.store.stats()
+    except StoreError as exc:
+        log.warning("%s: serving anyway; calls fail with UNAVAILABLE until it is back", exc)
+    metrics = f", metrics :{server.metrics_port}" if server.metrics_port is not None else ""
+    print(
+        f"kvpeer directory ready on {server.endpoint} "
+        f"(store {server.store.name}, lease {server.lease_ttl_s:.1f} s{metrics})",
+        flush=True,
+    )
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        log.info("stopping")
+        server.stop(grace=2.0)
+    return 0

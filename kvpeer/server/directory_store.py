@@ -1,0 +1,427 @@
+"""Where the directory keeps its state: the :class:`DirectoryStore` contract and :class:`MemoryStore`.
+
+The directory servicer validates every request (see :func:`check_keys` and the
+limits below) and then asks a store. A store records *registrations* — a node id
+joined under an epoch with an endpoint, a fingerprint and a lease — and the keys
+each registration holds. Two stores exist:
+
+- :class:`MemoryStore`: one process, nothing shared, lost on restart (the
+  embedded default; clients re-join and re-publish after a restart);
+- :class:`kvpeer.server.redis_store.RedisStore`: state in Redis, shared by every
+  directory replica that points at it and kept across their restarts.
+
+Rules every store follows (the behavioural suite in ``tests/test_directory.py``
+runs against each):
+
+- **Epochs.** :meth:`DirectoryStore.join` returns an epoch higher than any epoch
+  the store has handed out before, to any node — also across restarts of the
+  directory (epochs are seeded from the wall clock in microseconds).
+- **Fencing.** Entries belong to a (node, epoch). A join, a leave or an expired
+  lease ends the previous registration of that node id at once: its entries are
+  never returned again. Freeing their memory is :meth:`DirectoryStore.sweep`'s job.
+- **Namespaces.** A registration's keys live in its fingerprint's namespace;
+  :meth:`DirectoryStore.locate` only searches the namespace it is given.
+- **Errors.** Calls naming a node that is not registered (never joined, left,
+  lease over) raise :class:`UnknownNodeError`; calls with another epoch than the
+  node's current one raise :class:`StaleEpochError`; a store that cannot reach
+  its backend raises :class:`StoreUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kvpeer.errors import ConfigError, KVPeerError
+from kvpeer.fingerprint import Fingerprint
+
+#: Most keys one Publish, Withdraw or Locate may carry.
+MAX_KEYS_PER_CALL = 4096
+#: Longest key in bytes (vLLM's OffloadKeys are 20 or 36 bytes).
+MAX_KEY_BYTES = 64
+#: Longest node id, in characters.
+MAX_NODE_ID_CHARS = 128
+
+
+class StoreError(KVPeerError):
+    """A store refused or could not complete a call; the message is for the caller."""
+
+
+class UnknownNodeError(StoreError):
+    """The node is not registered: it never joined, it left, or its lease ended."""
+
+    def __init__(self, node_id: str) -> None:
+        super().__init__(
+            f"unknown node {node_id}: it never joined, left, or its lease expired: re-join"
+        )
+        self.node_id = node_id
+
+
+class StaleEpochError(StoreError):
+    """The call names an epoch other than the node's current one."""
+
+    def __init__(self, node_id: str, epoch: int, current: int) -> None:
+        super().__init__(f"stale epoch {epoch} for node {node_id} (current {current}): re-join")
+        self.node_id = node_id
+        self.epoch = epoch
+        self.current = current
+
+
+class StoreUnavailableError(StoreError):
+    """The store's backend (e.g. Redis) cannot be reached; the call may be retried."""
+
+
+def check_keys(keys: Sequence[bytes]) -> str | None:
+    """Why ``keys`` is not a valid batch (count and sizes), or None when it is.
+
+    Used by the servicer before calling a store and by the client before sending.
+    """
+    if not keys:
+        return "no keys: send 1 to 4096 keys per call"
+    if len(keys) > MAX_KEYS_PER_CALL:
+        return f"{len(keys)} keys in one call, max {MAX_KEYS_PER_CALL}: split the batch"
+    sizes = list(map(len, keys))
+    if min(sizes) < 1 or max(sizes) > MAX_KEY_BYTES:
+        index = next(i for i, n in enumerate(sizes) if not 1 <= n <= MAX_KEY_BYTES)
+        return f"key {index} has {sizes[index]} bytes; keys must have 1 to {MAX_KEY_BYTES} bytes"
+    return None
+
+
+@dataclass(frozen=True)
+class NodeRef:
+    """A live registration, as Locate reports it."""
+
+    node_id: str
+    endpoint: str
+    epoch: int
+
+
+@dataclass(frozen=True)
+class Located:
+    """A store's answer to :meth:`DirectoryStore.locate`.
+
+    ``holders[i]`` lists indices into ``nodes`` of the holders of the i-th key asked
+    (tuples: equal rows can be encoded once).
+    """
+
+    nodes: list[NodeRef]
+    holders: list[tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """A live registration, as ListNodes reports it. ``keys`` counts its entries."""
+
+    node_id: str
+    endpoint: str
+    epoch: int
+    fingerprint: Fingerprint
+    keys: int
+    lease_remaining_s: float
+
+
+@dataclass(frozen=True)
+class NamespaceStats:
+    """Live nodes and entries of one fingerprint; a key held by two nodes counts twice."""
+
+    fingerprint: str
+    nodes: int
+    keys: int
+
+
+class DirectoryStore(ABC):
+    """Contract between the directory servicer and its state.
+
+    Thread-safety: every method may be called at the same time from gRPC handler
+    threads and from the server's sweeper thread. Each call is atomic: no other
+    call observes it half done. Arguments are already validated by the caller:
+    node ids are 1..128 printable characters without whitespace, endpoints are
+    ``host:port``, fingerprints are digests (32 hex digits), key batches pass
+    :func:`check_keys`, TTLs are positive.
+    """
+
+    #: Short description for logs and Stats, e.g. ``memory`` or ``redis://host:6379/0``.
+    name: str
+
+    @abstractmethod
+    def join(self, node_id: str, endpoint: str, fingerprint: Fingerprint, ttl_s: float) -> int:
+        """Register ``node_id`` with a lease of ``ttl_s``; return its new epoch.
+
+        The epoch is higher than every epoch this store handed out before. Any
+        previous registration of ``node_id`` ends: its entries are fenced off.
+        """
+
+    @abstractmethod
+    def heartbeat(self, node_id: str, epoch: int, ttl_s: float) -> None:
+        """Extend the registration's lease to ``ttl_s`` from now.
+
+        Raises :class:`UnknownNodeError` or :class:`StaleEpochError`.
+        """
+
+    @abstractmethod
+    def publish(self, node_id: str, epoch: int, keys: Sequence[bytes]) -> int:
+        """Record that the registration holds ``keys``; idempotent; return ``len(keys)``.
+
+        Raises :class:`UnknownNodeError` or :class:`StaleEpochError`.
+        """
+
+    @abstractmethod
+    def withdraw(self, node_id: str, epoch: int, keys: Sequence[bytes]) -> int:
+        """Forget that the registration holds ``keys``; return how many it held.
+
+        Raises :class:`UnknownNodeError` or :class:`StaleEpochError`.
+        """
+
+    @abstractmethod
+    def locate(self, fingerprint: str, keys: Sequence[bytes], exclude_node_id: str) -> Located:
+        """Live holders of each key in namespace ``fingerprint``, leaving out ``exclude_node_id``.
+
+        Only registrations whose lease has not ended are returned. ``nodes`` lists
+        each holder once; ``holders`` is aligned with ``keys``. Never raises for
+        unknown namespaces or keys (they have no holders).
+        """
+
+    @abstractmethod
+    def leave(self, node_id: str, epoch: int) -> None:
+        """End the registration now; its entries are fenced off.
+
+        Raises :class:`UnknownNodeError` or :class:`StaleEpochError`.
+        """
+
+    @abstractmethod
+    def list_nodes(self, fingerprint: str | None = None) -> list[NodeRecord]:
+        """Live registrations, all or of one namespace, sorted by node id."""
+
+    @abstractmethod
+    def stats(self) -> list[NamespaceStats]:
+        """Live nodes and entries per namespace, sorted by fingerprint."""
+
+    @abstractmethod
+    def sweep(self) -> int:
+        """Housekeeping: end expired registrations and free some fenced entries.
+
+        Called periodically by one thread (the server's sweeper). Does a bounded
+        amount of work per call so it never holds up other calls for long;
+        returns the number of entries freed (0 when there is nothing left to do).
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing
+        """Release connections; the store is not used afterwards."""
+
+
+def next_epoch(last: int, now_us: int) -> int:
+    """The epoch after ``last``: seeded from the clock so it also grows across restarts."""
+    return max(last + 1, now_us)
+
+
+class _Registration:
+    """One (node id, epoch) and the keys it holds. Mutated only under MemoryStore's lock."""
+
+    __slots__ = ("endpoint", "epoch", "expires_at", "fingerprint", "keys", "live", "node_id")
+
+    def __init__(
+        self, node_id: str, endpoint: str, epoch: int, fingerprint: Fingerprint, expires_at: float
+    ) -> None:
+        self.node_id = node_id
+        self.endpoint = endpoint
+        self.epoch = epoch
+        self.fingerprint = fingerprint
+        self.expires_at = expires_at
+        self.keys: set[bytes] = set()
+        self.live = True
+
+
+class MemoryStore(DirectoryStore):
+    """All state in this process, under one lock.
+
+    Layout: per namespace, a dict from key to its holder — the registration
+    itself when there is one (the common case: no container object per key, which
+    keeps lookups fast and the garbage collector's work small), a list of them
+    when there are several. Ended registrations are marked dead at once
+    (``locate`` skips them) and queued; :meth:`sweep` removes their entries in
+    slices of ``sweep_batch`` keys so that one large node leaving never stalls
+    lookups.
+    """
+
+    name = "memory"
+
+    def __init__(self, *, sweep_batch: int = 5000) -> None:
+        self._lock = threading.Lock()
+        self._nodes: dict[str, _Registration] = {}
+        self._index: dict[str, dict[bytes, _Registration | list[_Registration]]] = {}
+        self._dead: deque[_Registration] = deque()
+        self._last_epoch = 0
+        self._sweep_batch = sweep_batch
+
+    # -- helpers (call with the lock held) -------------------------------------
+
+    def _current(self, node_id: str, epoch: int, now: float) -> _Registration:
+        reg = self._nodes.get(node_id)
+        if reg is None or reg.expires_at <= now:
+            raise UnknownNodeError(node_id)
+        if reg.epoch != epoch:
+            raise StaleEpochError(node_id, epoch, reg.epoch)
+        return reg
+
+    def _end(self, reg: _Registration) -> None:
+        reg.live = False
+        del self._nodes[reg.node_id]
+        self._dead.append(reg)
+
+    @staticmethod
+    def _unindex(
+        index: dict[bytes, _Registration | list[_Registration]], key: bytes, reg: _Registration
+    ) -> None:
+        holders = index.get(key)
+        if holders is reg:
+            del index[key]
+        elif isinstance(holders, list) and reg in holders:
+            holders.remove(reg)
+            if len(holders) == 1:
+                index[key] = holders[0]
+
+    # -- DirectoryStore --------------------------------------------------------
+
+    def join(self, node_id: str, endpoint: str, fingerprint: Fingerprint, ttl_s: float) -> int:
+        now = time.monotonic()
+        with self._lock:
+            old = self._nodes.get(node_id)
+            if old is not None:
+                self._end(old)
+            self._last_epoch = next_epoch(self._last_epoch, time.time_ns() // 1000)
+            reg = _Registration(node_id, endpoint, self._last_epoch, fingerprint, now + ttl_s)
+            self._nodes[node_id] = reg
+            return reg.epoch
+
+    def heartbeat(self, node_id: str, epoch: int, ttl_s: float) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._current(node_id, epoch, now).expires_at = now + ttl_s
+
+    def publish(self, node_id: str, epoch: int, keys: Sequence[bytes]) -> int:
+        with self._lock:
+            reg = self._current(node_id, epoch, time.monotonic())
+            index = self._index.setdefault(reg.fingerprint.digest, {})
+            held = reg.keys
+            get = index.get
+            for key in keys:
+                if key in held:
+                    continue
+                held.add(key)
+                holders = get(key)
+                if holders is None:
+                    index[key] = reg
+                elif isinstance(holders, list):
+                    holders.append(reg)
+                else:
+                    index[key] = [holders, reg]
+            return len(keys)
+
+    def withdraw(self, node_id: str, epoch: int, keys: Sequence[bytes]) -> int:
+        with self._lock:
+            reg = self._current(node_id, epoch, time.monotonic())
+            index = self._index.get(reg.fingerprint.digest, {})
+            removed = 0
+            for key in keys:
+                if key in reg.keys:
+                    reg.keys.discard(key)
+                    self._unindex(index, key, reg)
+                    removed += 1
+            return removed
+
+    def locate(self, fingerprint: str, keys: Sequence[bytes], exclude_node_id: str) -> Located:
+        now = time.monotonic()
+        nodes: list[NodeRef] = []
+        rows: list[tuple[int, ...]] = []
+        append = rows.append
+        # Per registration: the one-element row naming it, or () if it is left out.
+        single: dict[_Registration, tuple[int, ...]] = {}
+
+        def row_of(reg: _Registration) -> tuple[int, ...]:
+            row = single.get(reg)
+            if row is None:
+                row = ()
+                if reg.live and reg.expires_at > now and reg.node_id != exclude_node_id:
+                    row = (len(nodes),)
+                    nodes.append(NodeRef(reg.node_id, reg.endpoint, reg.epoch))
+                single[reg] = row
+            return row
+
+        with self._lock:
+            index = self._index.get(fingerprint)
+            if index is None:
+                return Located(nodes, [()] * len(keys))
+            get = index.get
+            for key in keys:
+                holders = get(key)
+                if holders is None:
+                    append(())
+                elif isinstance(holders, list):
+                    append(tuple(i for reg in holders for i in row_of(reg)))
+                else:
+                    append(single.get(holders) or row_of(holders))
+        return Located(nodes, rows)
+
+    def leave(self, node_id: str, epoch: int) -> None:
+        with self._lock:
+            self._end(self._current(node_id, epoch, time.monotonic()))
+
+    def _live(self, now: float) -> list[_Registration]:
+        return [r for r in self._nodes.values() if r.expires_at > now]
+
+    def list_nodes(self, fingerprint: str | None = None) -> list[NodeRecord]:
+        now = time.monotonic()
+        with self._lock:
+            records = [
+                NodeRecord(
+                    r.node_id, r.endpoint, r.epoch, r.fingerprint, len(r.keys), r.expires_at - now
+                )
+                for r in self._live(now)
+                if fingerprint is None or r.fingerprint.digest == fingerprint
+            ]
+        return sorted(records, key=lambda r: r.node_id)
+
+    def stats(self) -> list[NamespaceStats]:
+        per_namespace: dict[str, tuple[int, int]] = {}
+        with self._lock:
+            for reg in self._live(time.monotonic()):
+                nodes, keys = per_namespace.get(reg.fingerprint.digest, (0, 0))
+                per_namespace[reg.fingerprint.digest] = (nodes + 1, keys + len(reg.keys))
+        return [NamespaceStats(fp, n, k) for fp, (n, k) in sorted(per_namespace.items())]
+
+    def sweep(self) -> int:
+        now = time.monotonic()
+        freed = 0
+        with self._lock:
+            for reg in [r for r in self._nodes.values() if r.expires_at <= now]:
+                self._end(reg)
+            while self._dead and freed < self._sweep_batch:
+                reg = self._dead[0]
+                index = self._index.get(reg.fingerprint.digest, {})
+                while reg.keys and freed < self._sweep_batch:
+                    self._unindex(index, reg.keys.pop(), reg)
+                    freed += 1
+                if not reg.keys:
+                    self._dead.popleft()
+                    if not index:
+                        self._index.pop(reg.fingerprint.digest, None)
+        return freed
+
+
+def open_store(spec: str, *, key: str = "store") -> DirectoryStore:
+    """The store named by ``spec``: ``memory`` or ``redis://host:port/db``.
+
+    Raises :class:`ConfigError` naming ``key`` for anything else. Redis is
+    imported only when asked for.
+    """
+    if spec == "memory":
+        return MemoryStore()
+    if spec.startswith(("redis://", "rediss://")):
+        from kvpeer.server.redis_store import RedisStore
+
+        return RedisStore(spec, key=key)
+    raise ConfigError(key, f"expected 'memory' or 'redis://host:port/db', got {spec!r}")
