@@ -7,21 +7,29 @@ stream bypasses protobuf objects: the server writes the four fields by hand with
 The bytes on the wire are an ordinary protobuf ``Chunk``, so grpcurl and any
 other protobuf reader decode them as usual.
 
-Integrity: ``digest`` is BLAKE3-256 over ``data``. A client counts a row as
-loaded only after the digest of the bytes it wrote matches.
+Integrity: ``digest`` is XXH3-128 over ``data``. A client counts a row as loaded
+only after the digest of the bytes it wrote matches. The digest guards against
+rows damaged or torn in transit; it is not a signature (a peer computes it over
+what it sends) — authenticity comes from TLS and the bearer token. XXH3 hashes
+at ~20 GB/s on one core here, so checking costs ~5% of a transfer; BLAKE3 (4 GB/s)
+cost ~25%.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-import blake3
+import xxhash
 
 from kvpeer.errors import WireError
 
-DIGEST_BYTES = 32
+DIGEST_BYTES = 16
 #: Upper bound of a key's length (vLLM keys are 20 or 36 bytes).
 MAX_KEY_BYTES = 64
+#: Upper bound of the bytes :func:`chunk_header` writes before ``data``: tags, the
+#: index varint, a maximal key, the digest and the data length varint. Receivers
+#: size their message limit as ``chunk_bytes + MAX_HEADER_BYTES``.
+MAX_HEADER_BYTES = 1 + 5 + 1 + 1 + MAX_KEY_BYTES + 1 + 1 + DIGEST_BYTES + 1 + 10
 
 _WIRE_VARINT = 0
 _WIRE_FIXED64 = 1
@@ -35,8 +43,8 @@ _FIELD_DATA = 4
 
 
 def digest(data: memoryview | bytes) -> bytes:
-    """BLAKE3-256 of ``data``; releases the GIL for large buffers."""
-    return blake3.blake3(data).digest()
+    """XXH3-128 of ``data`` (16 bytes)."""
+    return xxhash.xxh3_128_digest(data)
 
 
 def _varint(value: int) -> bytes:

@@ -1,0 +1,480 @@
+"""The KVPeer chunk server: Handshake, Lookup, Pull and Release over a :class:`ChunkSource`.
+
+:class:`KVPeerServicer` implements the four methods of ``kvpeer.v1.KVPeer``
+(``proto/kvpeer/v1/peer.proto``); :class:`PeerServer` runs it through
+:class:`~kvpeer.server.grpc_server.GrpcServer`, which adds TLS, the bearer token,
+health and reflection.
+
+Two choices keep the data plane fast and the server robust:
+
+- Pull answers with bytes framed by :mod:`kvpeer.wire` and an identity response
+  serializer: each row goes from the pinned memoryview into the message in one
+  copy, never through a protobuf object.
+- Requests arrive as raw bytes and are parsed here, so a malformed message gets
+  INVALID_ARGUMENT naming the message instead of gRPC's generic INTERNAL.
+
+Every refusal carries a status from the contract (INVALID_ARGUMENT, NOT_FOUND,
+RESOURCE_EXHAUSTED, FAILED_PRECONDITION) and a message naming the field or limit,
+and is counted in :meth:`PeerServer.stats`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import NoReturn, TypeVar
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from kvpeer import PROTOCOL_VERSION
+from kvpeer.endpoint import Endpoint
+from kvpeer.errors import WireError
+from kvpeer.fingerprint import Fingerprint
+from kvpeer.security import Security
+from kvpeer.server.chunk_source import ChunkSource, LookupRefused
+from kvpeer.server.grpc_server import GrpcServer, Service
+from kvpeer.server.leases import Lease, LeaseNotFound, LeaseTable, TooManyLeases
+from kvpeer.v1 import peer_pb2
+from kvpeer.wire import MAX_HEADER_BYTES, MAX_KEY_BYTES, chunk_header, digest
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "kvpeer.v1.KVPeer"
+_MAX_NODE_ID = 128
+#: Floor of the response size limit: reflection answers are kilobytes even when rows are tiny.
+_MIN_SEND_BYTES = 4 << 20
+
+_M = TypeVar("_M", bound=Message)
+
+
+@dataclass(frozen=True)
+class PeerServerOptions:
+    """Limits and sizes of one peer server (see :class:`PeerServer`). Durations are seconds."""
+
+    #: Most keys in one Lookup (INVALID_ARGUMENT beyond).
+    max_keys_per_lookup: int = 4096
+    #: How long a lease pins its chunks when nobody releases it.
+    lease_ttl_s: float = 30.0
+    #: Most live leases (RESOURCE_EXHAUSTED beyond).
+    max_leases: int = 1024
+    #: Cap of a Lookup's ``wait_ms``.
+    max_lookup_wait_s: float = 10.0
+    #: Longest the source may work out one Lookup's answer (beyond the wait).
+    lookup_timeout_s: float = 5.0
+    #: gRPC handler threads; each open Pull stream holds one while it sends.
+    max_workers: int = 16
+    #: Calls in progress or queued beyond this get RESOURCE_EXHAUSTED; None: 4 x workers.
+    max_concurrent_rpcs: int | None = None
+
+
+class _Refusal(Exception):
+    """Ends a call with ``code`` and ``message``; raised by validation helpers."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class KVPeerServicer:
+    """The four KVPeer methods over one :class:`ChunkSource`.
+
+    Handlers run on gRPC's handler threads, concurrently; the lease table and the
+    source synchronise themselves, and counters are updated under ``_stats_lock``.
+    ``node_id`` may be reassigned at any time (a str assignment is atomic).
+    """
+
+    def __init__(
+        self,
+        source: ChunkSource,
+        *,
+        node_id: str,
+        fingerprint: Fingerprint,
+        options: PeerServerOptions,
+    ) -> None:
+        self._source = source
+        self.node_id = node_id
+        self._fingerprint = fingerprint
+        self._options = options
+        self._leases = LeaseTable(options.lease_ttl_s, options.max_leases)
+        self._stats_lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+
+    # -- RPC handlers ----------------------------------------------------------
+
+    def handshake(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        request = self._parse(peer_pb2.HandshakeRequest, raw, context)
+        self._count("handshakes")
+        if request.HasField("fingerprint"):
+            self._check_compatible(request, context)
+        return peer_pb2.HandshakeResponse(
+            protocol_version=PROTOCOL_VERSION,
+            node_id=self.node_id,
+            chunk_bytes=self._source.chunk_bytes,
+            fingerprint=self._fingerprint.to_proto(),
+            max_keys_per_lookup=self._options.max_keys_per_lookup,
+            lease_ttl_ms=round(self._options.lease_ttl_s * 1000),
+        ).SerializeToString()
+
+    def lookup(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        request = self._parse(peer_pb2.LookupRequest, raw, context)
+        options = self._options
+        if request.fingerprint != self._fingerprint.digest:
+            self._abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"fingerprint {request.fingerprint[:64]!r} differs from this node's "
+                f"{self._fingerprint.digest!r}: call Handshake to see which ingredient differs",
+            )
+        keys = list(request.keys)
+        if not keys:
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, "keys: at least one key needed")
+        if len(keys) > options.max_keys_per_lookup:
+            self._abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"keys: {len(keys)} keys exceed max_keys_per_lookup "
+                f"({options.max_keys_per_lookup}); split the lookup",
+            )
+        for i, key in enumerate(keys):
+            if not 0 < len(key) <= MAX_KEY_BYTES:
+                self._abort(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"keys[{i}]: {len(key)} bytes, a key has 1 to {MAX_KEY_BYTES}",
+                )
+        if request.hold and self._leases.full():
+            self._abort(context, *self._lease_limit())
+        wait_s = min(request.wait_ms / 1000, options.max_lookup_wait_s)
+        timeout_s = options.lookup_timeout_s + wait_s
+        remaining = context.time_remaining()
+        if remaining is not None:  # never work past the caller's deadline
+            timeout_s = min(timeout_s, max(0.0, remaining))
+        try:
+            answer = self._source.lookup(
+                keys,
+                hold=request.hold,
+                handoff_id=request.handoff_id,
+                wait_s=min(wait_s, timeout_s),
+                timeout_s=timeout_s,
+            )
+        except LookupRefused as exc:
+            code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.UNAVAILABLE)
+            self._abort(context, code, str(exc))
+        hits = [bool(h) for h in answer.hits]
+        response = peer_pb2.LookupResponse(hit=hits, lease_ttl_ms=round(self._leases.ttl_s * 1000))
+        if request.hold and any(hits):
+            try:
+                lease = self._leases.add(keys, answer)
+            except TooManyLeases:
+                self._abort(context, *self._lease_limit())
+            except LeaseNotFound as exc:
+                self._abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
+            response.lease_id = lease.lease_id
+        else:
+            answer.release()
+        self._count("lookups")
+        self._count("lookup_keys", len(keys))
+        self._count("lookup_hits", sum(hits))
+        return response.SerializeToString()
+
+    def pull(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        request = self._parse(peer_pb2.PullRequest, raw, context)
+        try:
+            lease = self._leases.begin_pull(request.lease_id)
+        except LeaseNotFound as exc:
+            self._abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
+        try:
+            indices = self._pull_indices(lease, list(request.indices))
+        except _Refusal as refusal:
+            self._leases.end_pull(lease)
+            self._abort(context, refusal.code, refusal.message)
+        self._count("pulls")
+        stream = _PullStream(lease, indices, context, self._leases.end_pull, self._count)
+        if not context.add_callback(stream.close):
+            stream.close()
+        return stream
+
+    def release(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        request = self._parse(peer_pb2.ReleaseRequest, raw, context)
+        try:
+            self._leases.release(request.lease_id)
+        except LeaseNotFound as exc:
+            self._abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
+        return peer_pb2.ReleaseResponse().SerializeToString()
+
+    # -- for PeerServer --------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        with self._stats_lock:
+            counts = dict(self._counts)
+        leases = self._leases.counters
+        return {
+            "handshakes": counts.get("handshakes", 0),
+            "lookups": counts.get("lookups", 0),
+            "lookup_keys": counts.get("lookup_keys", 0),
+            "lookup_hits": counts.get("lookup_hits", 0),
+            "pulls": counts.get("pulls", 0),
+            "chunks_served": counts.get("chunks_served", 0),
+            "bytes_served": counts.get("bytes_served", 0),
+            "leases_live": len(self._leases),
+            "leases_created": leases.created,
+            "leases_released": leases.released,
+            "leases_expired": leases.expired,
+            "errors_total": sum(v for k, v in counts.items() if k.startswith("errors_")),
+            **{k: v for k, v in sorted(counts.items()) if k.startswith("errors_")},
+        }
+
+    def close(self) -> None:
+        """Retire every lease (after the gRPC server stopped its calls)."""
+        self._leases.close()
+
+    # -- private -------------------------------------------------------------
+
+    def _count(self, name: str, amount: int = 1) -> None:
+        with self._stats_lock:
+            self._counts[name] += amount
+
+    def _abort(
+        self, context: grpc.ServicerContext, code: grpc.StatusCode, message: str
+    ) -> NoReturn:
+        self._count(f"errors_{code.name.lower()}")
+        log.debug("refusing %s: %s", code.name, message)
+        context.abort(code, message)
+        raise AssertionError("unreachable: context.abort raises")
+
+    def _parse(self, cls: type[_M], raw: bytes, context: grpc.ServicerContext) -> _M:
+        message = cls()
+        try:
+            message.ParseFromString(raw)
+        except DecodeError as exc:
+            self._abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"malformed {cls.DESCRIPTOR.full_name}: {exc}",
+            )
+        return message
+
+    def _check_compatible(
+        self, request: peer_pb2.HandshakeRequest, context: grpc.ServicerContext
+    ) -> None:
+        try:
+            theirs = Fingerprint.from_proto(request.fingerprint)
+        except WireError as exc:
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"fingerprint: {exc}")
+        node_id = request.node_id
+        if len(node_id) > _MAX_NODE_ID or not node_id.isprintable():
+            self._abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"node_id: expected a printable name of at most {_MAX_NODE_ID} characters",
+            )
+        caller = repr(node_id) if node_id else "the caller"
+        who = f"node {self.node_id!r} ('ours') refuses {caller} ('theirs')"
+        if request.protocol_version != PROTOCOL_VERSION:
+            self._abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{who}: protocol_version differs (ours {PROTOCOL_VERSION}, "
+                f"theirs {request.protocol_version}): upgrade all nodes to the same kvpeer release",
+            )
+        if request.chunk_bytes != self._source.chunk_bytes:
+            self._abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{who}: chunk_bytes differs (ours {self._source.chunk_bytes}, "
+                f"theirs {request.chunk_bytes}): the chunk rows have different sizes "
+                "(model, dtype, block size or layout)",
+            )
+        reason = self._fingerprint.mismatch(theirs)
+        if reason is not None:
+            self._abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"{who}: {reason}")
+
+    def _pull_indices(self, lease: Lease, requested: list[int]) -> list[int]:
+        hits = lease.hits
+        if not requested:
+            return [i for i, hit in enumerate(hits) if hit]
+        for position, index in enumerate(requested):
+            if index >= len(hits):
+                raise _Refusal(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"indices[{position}]: {index} is out of range, the lease has {len(hits)} keys",
+                )
+            if not hits[index]:
+                raise _Refusal(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"indices[{position}]: key {index} did not hit, so the lease holds no row for it",
+                )
+        return requested
+
+    def _lease_limit(self) -> tuple[grpc.StatusCode, str]:
+        return (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"{self._options.max_leases} leases are live on node {self.node_id!r}, "
+            "its limit: retry later or release leases after pulling",
+        )
+
+
+class _PullStream:
+    """The response iterator of one Pull: yields framed rows from the pinned lease.
+
+    gRPC calls :meth:`__next__` on the stream's handler thread, and :meth:`close`
+    from its own thread when the call ends (completed, cancelled, deadline passed
+    or server stopping). The lock makes ``close`` wait for a row being framed, so
+    the lease's Pull count drops only once no row is read any more; ``close`` is
+    idempotent and runs at least once, from gRPC or from the last ``__next__``.
+    """
+
+    def __init__(
+        self,
+        lease: Lease,
+        indices: list[int],
+        context: grpc.ServicerContext,
+        end_pull: Callable[[Lease], None],
+        count: Callable[[str, int], None],
+    ) -> None:
+        self._lease = lease
+        self._indices = iter(indices)
+        self._context = context
+        self._end_pull = end_pull
+        self._count = count
+        self._lock = threading.Lock()
+        self._open = True
+
+    def __iter__(self) -> _PullStream:
+        return self
+
+    def __next__(self) -> bytes:
+        with self._lock:
+            index = next(self._indices, None) if self._open else None
+            if index is None or not self._context.is_active():
+                self._close_locked()
+                raise StopIteration
+            row = self._lease.row(index)
+            message = b"".join(
+                (chunk_header(index, self._lease.keys[index], digest(row), len(row)), row)
+            )
+        self._count("chunks_served", 1)
+        self._count("bytes_served", len(row))
+        return message
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        if self._open:
+            self._open = False
+            self._end_pull(self._lease)
+
+
+class PeerServer:
+    """A running KVPeer service (plus health and reflection) over one chunk source.
+
+    Use as a context manager, or :meth:`start` then :meth:`stop`. Stopping ends the
+    calls in progress (after ``grace`` seconds), then releases every lease, so the
+    source ends with no pins held by this server.
+
+    Args:
+        source: where the rows come from.
+        node_id: this node's name, sent in handshakes; may be set again after
+            :meth:`start` (a node that learns its advertised address from the port).
+        fingerprint: this node's compatibility fingerprint.
+        listen: ``host:port`` to bind; port 0 picks a free port.
+        security: TLS and token; plaintext and open by default.
+        The remaining keywords are the fields of :class:`PeerServerOptions`.
+    """
+
+    def __init__(
+        self,
+        source: ChunkSource,
+        *,
+        node_id: str,
+        fingerprint: Fingerprint,
+        listen: str | Endpoint = "127.0.0.1:0",
+        security: Security | None = None,
+        max_keys_per_lookup: int = 4096,
+        lease_ttl_s: float = 30.0,
+        max_leases: int = 1024,
+        max_lookup_wait_s: float = 10.0,
+        lookup_timeout_s: float = 5.0,
+        max_workers: int = 16,
+        max_concurrent_rpcs: int | None = None,
+    ) -> None:
+        self.options = PeerServerOptions(
+            max_keys_per_lookup=max_keys_per_lookup,
+            lease_ttl_s=lease_ttl_s,
+            max_leases=max_leases,
+            max_lookup_wait_s=max_lookup_wait_s,
+            lookup_timeout_s=lookup_timeout_s,
+            max_workers=max_workers,
+            max_concurrent_rpcs=max_concurrent_rpcs,
+        )
+        self.servicer = KVPeerServicer(
+            source, node_id=node_id, fingerprint=fingerprint, options=self.options
+        )
+        handler = grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "Handshake": grpc.unary_unary_rpc_method_handler(self.servicer.handshake),
+                "Lookup": grpc.unary_unary_rpc_method_handler(self.servicer.lookup),
+                "Pull": grpc.unary_stream_rpc_method_handler(self.servicer.pull),
+                "Release": grpc.unary_unary_rpc_method_handler(self.servicer.release),
+            },
+        )
+        self._grpc = GrpcServer(
+            listen,
+            [Service(SERVICE_NAME, handler)],
+            security,
+            max_workers=max_workers,
+            max_concurrent_rpcs=max_concurrent_rpcs or 4 * max_workers,
+            max_send_bytes=max(source.chunk_bytes + MAX_HEADER_BYTES, _MIN_SEND_BYTES),
+        )
+
+    @property
+    def node_id(self) -> str:
+        return self.servicer.node_id
+
+    @node_id.setter
+    def node_id(self, value: str) -> None:
+        self.servicer.node_id = value
+
+    @property
+    def port(self) -> int:
+        return self._grpc.port
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self._grpc.endpoint
+
+    def start(self) -> PeerServer:
+        self._grpc.start()
+        return self
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        """Stop serving; idempotent."""
+        self._grpc.stop(grace)
+        self.servicer.close()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._grpc.wait(timeout)
+
+    def stats(self) -> dict[str, int]:
+        """Counters since start: calls, chunks and bytes served, leases, errors by status.
+
+        Keys: handshakes, lookups, lookup_keys, lookup_hits, pulls, chunks_served,
+        bytes_served, leases_live, leases_created, leases_released, leases_expired,
+        errors_total and one ``errors_<status>`` (e.g. ``errors_not_found``) per
+        status answered so far.
+        """
+        return self.servicer.stats()
+
+    def __enter__(self) -> PeerServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
