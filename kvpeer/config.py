@@ -56,6 +56,9 @@ class TierConfig:
     lease_ttl_s: float = 30.0
     #: How long a PD producer keeps a handoff's chunks pinned for its consumer.
     handoff_timeout_s: float = 60.0
+    #: How long a PD consumer waits for its producer's chunks (decode-first ordering)
+    #: before it recomputes them.
+    handoff_wait_s: float = 30.0
     #: Keys per Publish/Withdraw call; publishing is batched in the background.
     publish_batch_keys: int = 1024
     #: Longest a published key waits for its batch to fill.
@@ -197,6 +200,7 @@ _PARSERS = {
     "max_concurrent_pulls": _count(1, 256),
     "lease_ttl_s": _seconds(0.1, 3600),
     "handoff_timeout_s": _seconds(0.1, 3600),
+    "handoff_wait_s": _seconds(0.01, 3600),
     "publish_batch_keys": _count(1, 65536),
     "publish_interval_s": _seconds(0.001, 60),
     "reconcile_interval_s": _seconds(1, 86400, allow_zero=True),

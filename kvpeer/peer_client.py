@@ -569,6 +569,14 @@ class PeerClientPool:
                 self._clients[endpoint] = client
             return client
 
+    def set_fingerprint(self, fingerprint: Fingerprint) -> None:
+        """Use ``fingerprint`` from now on: clients made with the old one are closed."""
+        with self._lock:
+            self._kwargs["fingerprint"] = fingerprint
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            client.close()
+
     def close_all(self) -> None:
         """Close every client; later :meth:`get` calls raise PeerUnavailableError."""
         with self._lock:

@@ -66,6 +66,7 @@ class LeaseCounters:
     released: int = 0
     expired: int = 0
     closed: int = 0
+    revoked: int = 0
 
 
 class LeaseTable:
@@ -175,6 +176,20 @@ class LeaseTable:
             self.counters.released += 1
         if unpin:
             _unpin(lease)
+
+    def revoke_all(self) -> list[Lease]:
+        """Retire every live lease now (the owner of the chunks needs them back).
+
+        Leases nobody is pulling are unpinned before this returns; the ones being
+        pulled are returned, and unpin when their Pulls end (the caller ends them).
+        """
+        with self._lock:
+            leases = list(self._live.values())
+            unpin = [lease for lease in leases if self._retire(lease)]
+            self.counters.revoked += len(leases)
+        for lease in unpin:
+            _unpin(lease)
+        return [lease for lease in leases if lease not in unpin]
 
     def close(self) -> None:
         """Stop the reaper and retire every lease (those being pulled unpin when done)."""

@@ -36,7 +36,7 @@ from kvpeer.errors import WireError
 from kvpeer.fingerprint import Fingerprint
 from kvpeer.security import Security
 from kvpeer.server.chunk_source import ChunkSource, LookupRefused
-from kvpeer.server.grpc_server import GrpcServer, Service
+from kvpeer.server.grpc_server import GrpcServer, Service, status_details
 from kvpeer.server.leases import Lease, LeaseNotFound, LeaseTable, TooManyLeases
 from kvpeer.v1 import peer_pb2
 from kvpeer.wire import MAX_HEADER_BYTES, MAX_KEY_BYTES, chunk_header, digest
@@ -101,6 +101,8 @@ class KVPeerServicer:
         self._fingerprint = fingerprint
         self._options = options
         self._leases = LeaseTable(options.lease_ttl_s, options.max_leases)
+        self._streams_lock = threading.Lock()
+        self._streams: set[_PullStream] = set()
         self._stats_lock = threading.Lock()
         self._counts: Counter[str] = Counter()
 
@@ -194,7 +196,9 @@ class KVPeerServicer:
             self._leases.end_pull(lease)
             self._abort(context, refusal.code, refusal.message)
         self._count("pulls")
-        stream = _PullStream(lease, indices, context, self._leases.end_pull, self._count)
+        stream = _PullStream(lease, indices, context, self._end_pull, self._count)
+        with self._streams_lock:
+            self._streams.add(stream)
         if not context.add_callback(stream.close):
             stream.close()
         return stream
@@ -208,6 +212,33 @@ class KVPeerServicer:
         return peer_pb2.ReleaseResponse().SerializeToString()
 
     # -- for PeerServer --------------------------------------------------------
+
+    @property
+    def fingerprint(self) -> Fingerprint:
+        return self._fingerprint
+
+    @fingerprint.setter
+    def fingerprint(self, value: Fingerprint) -> None:
+        self._fingerprint = value  # one atomic assignment; handlers read it once per call
+
+    def revoke_leases(self) -> None:
+        """End every lease now, cutting Pulls short.
+
+        For a source that must take its rows back (vLLM's reset_cache): when this
+        returns, no row of any lease is being read and every pin is released. A
+        Pull in progress stops after the row it is framing and ends with
+        UNAVAILABLE; its client counts only the rows it received whole.
+        """
+        pulled = self._leases.revoke_all()
+        with self._streams_lock:
+            streams = [s for s in self._streams if s.lease in pulled]
+        for stream in streams:
+            stream.revoke()
+
+    def _end_pull(self, stream: _PullStream) -> None:
+        with self._streams_lock:
+            self._streams.discard(stream)
+        self._leases.end_pull(stream.lease)
 
     def stats(self) -> dict[str, int]:
         with self._stats_lock:
@@ -225,6 +256,7 @@ class KVPeerServicer:
             "leases_created": leases.created,
             "leases_released": leases.released,
             "leases_expired": leases.expired,
+            "leases_revoked": leases.revoked,
             "errors_total": sum(v for k, v in counts.items() if k.startswith("errors_")),
             **{k: v for k, v in sorted(counts.items()) if k.startswith("errors_")},
         }
@@ -244,7 +276,7 @@ class KVPeerServicer:
     ) -> NoReturn:
         self._count(f"errors_{code.name.lower()}")
         log.debug("refusing %s: %s", code.name, message)
-        context.abort(code, message)
+        context.abort(code, status_details(message))
         raise AssertionError("unreachable: context.abort raises")
 
     def _parse(self, cls: type[_M], raw: bytes, context: grpc.ServicerContext) -> _M:
@@ -298,7 +330,14 @@ class KVPeerServicer:
         hits = lease.hits
         if not requested:
             return [i for i, hit in enumerate(hits) if hit]
+        seen: set[int] = set()
         for position, index in enumerate(requested):
+            if index in seen:
+                raise _Refusal(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"indices[{position}]: {index} is named twice; ask for each row once",
+                )
+            seen.add(index)
             if index >= len(hits):
                 raise _Refusal(
                     grpc.StatusCode.INVALID_ARGUMENT,
@@ -334,9 +373,10 @@ class _PullStream:
         lease: Lease,
         indices: list[int],
         context: grpc.ServicerContext,
-        end_pull: Callable[[Lease], None],
+        end_pull: Callable[[_PullStream], None],
         count: Callable[[str, int], None],
     ) -> None:
+        self.lease = lease
         self._lease = lease
         self._indices = iter(indices)
         self._context = context
@@ -344,12 +384,18 @@ class _PullStream:
         self._count = count
         self._lock = threading.Lock()
         self._open = True
+        self._revoked = False
 
     def __iter__(self) -> _PullStream:
         return self
 
     def __next__(self) -> bytes:
         with self._lock:
+            if self._revoked:
+                self._context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the node took its chunks back (KV cache reset): look the keys up again",
+                )
             index = next(self._indices, None) if self._open else None
             if index is None or not self._context.is_active():
                 self._close_locked()
@@ -366,10 +412,16 @@ class _PullStream:
         with self._lock:
             self._close_locked()
 
+    def revoke(self) -> None:
+        """Stop reading rows now (waits for a row being framed); the call ends UNAVAILABLE."""
+        with self._lock:
+            self._revoked = True
+            self._close_locked()
+
     def _close_locked(self) -> None:
         if self._open:
             self._open = False
-            self._end_pull(self._lease)
+            self._end_pull(self)
 
 
 class PeerServer:
@@ -462,6 +514,19 @@ class PeerServer:
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._grpc.wait(timeout)
+
+    @property
+    def fingerprint(self) -> Fingerprint:
+        return self.servicer.fingerprint
+
+    @fingerprint.setter
+    def fingerprint(self, value: Fingerprint) -> None:
+        """Adopt a new fingerprint (a vLLM node learns its hash seed after start-up)."""
+        self.servicer.fingerprint = value
+
+    def revoke_leases(self) -> None:
+        """End every lease and the Pulls reading them (see KVPeerServicer.revoke_leases)."""
+        self.servicer.revoke_leases()
 
     def stats(self) -> dict[str, int]:
         """Counters since start: calls, chunks and bytes served, leases, errors by status.

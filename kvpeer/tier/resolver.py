@@ -1,0 +1,198 @@
+"""Consumer lookups: find who holds a request's chunks and have them pinned there.
+
+The scheduler thread only queues keys (:class:`~kvpeer.tier.consumer_state.ConsumerState`);
+:class:`LookupResolver` does the network work on its own threads:
+
+1. candidates: the request's ``source`` peer if it names one, else the directory's
+   ``Locate`` (holders per key), else a probe of the static ``peers``;
+2. for the keys still to resolve, the holder with the longest run of consecutive
+   keys from the first one (ties spread over replicas) is asked to pin that run
+   (``Lookup(hold=True)``); the keys it pinned become HIT; at the first key it
+   did not have (a stale directory entry) the next candidate is tried;
+3. the keys after the first key nobody has become MISS: vLLM only loads a prefix.
+
+A handoff consumer (PD decode) may ask before its producer has stored the chunks
+(decode-first): the producer then waits for them (``wait_ms``), or, without a
+``source``, the resolver polls the directory until the request's patience runs out.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from kvpeer.directory_client import DirectoryClient, Holder, Location, longest_run
+from kvpeer.errors import IncompatiblePeerError, KVPeerError, PeerUnavailableError
+from kvpeer.peer_client import PeerClientPool
+from kvpeer.tier import metrics
+from kvpeer.tier.consumer_state import ConsumerState, Lease, Pin
+from kvpeer.tier.metrics import TierMetrics
+
+log = logging.getLogger(__name__)
+
+#: Holders tried for one request batch before the rest is a MISS.
+MAX_HOLDER_ATTEMPTS = 4
+#: Pause between directory polls while a handoff's producer has not published yet.
+HANDOFF_POLL_S = 0.05
+
+
+class LookupResolver:
+    """Resolves queued consumer lookups on a small thread pool (idle threads sleep)."""
+
+    def __init__(
+        self,
+        *,
+        pool: PeerClientPool,
+        peers: Sequence[str],
+        own_endpoint: str,
+        tier_metrics: TierMetrics,
+        workers: int = 4,
+    ) -> None:
+        self._pool = pool
+        #: Set once the tier has joined its directory; None until then (or without one).
+        self.directory: DirectoryClient | None = None
+        self._peers = [p for p in peers if p != own_endpoint]
+        self._own_endpoint = own_endpoint
+        self._metrics = tier_metrics
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="kvpeer-lookup")
+        self._lock = threading.Lock()
+        self._in_flight = 0
+
+    @property
+    def busy(self) -> bool:
+        return self._in_flight > 0
+
+    def submit(self, state: ConsumerState, keys: list[bytes]) -> None:
+        """Resolve ``keys`` (in prefix order) for ``state``; returns at once."""
+        with self._lock:
+            self._in_flight += 1
+        self._executor.submit(self._run, state, keys)
+
+    def release(self, lease: Lease) -> None:
+        """Release ``lease`` at its holder in the background (best effort)."""
+        self._executor.submit(self._pool.get(lease.endpoint).release, lease.lease_id)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    # -- resolver threads -----------------------------------------------------
+
+    def _run(self, state: ConsumerState, keys: list[bytes]) -> None:
+        try:
+            resolved = self._resolve(state, keys)
+        except Exception:  # a bug must not leave the request waiting for its deadline
+            log.exception("kvpeer lookup failed")
+            resolved = 0
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+        with state.lock:
+            state.misses.update(k for k in keys[resolved:] if k not in state.pins)
+        self._metrics.count(metrics.LOOKUPS, resolved, "hit")
+        self._metrics.count(metrics.LOOKUPS, len(keys) - resolved, "miss")
+
+    def _resolve(self, state: ConsumerState, keys: list[bytes]) -> int:
+        """Pin the longest prefix of ``keys`` we can; return its length."""
+        params = state.params
+        if params.source is not None:
+            return self._pin_run(state, keys, 0, len(keys), str(params.source))
+        done = 0
+        attempts = 0
+        tried: dict[str, int] = {}  # endpoint -> first key index it failed to have
+        location = self._candidates(state, keys)
+        while done < len(keys) and attempts < MAX_HOLDER_ATTEMPTS and not state.expired:
+            holder, run = longest_run(_tail(location, done, tried))
+            if holder is None:
+                if params.is_consumer and done == 0 and self.directory is not None:
+                    time.sleep(HANDOFF_POLL_S)  # decode-first: the producer has not published yet
+                    location = self._candidates(state, keys)
+                    continue
+                break
+            attempts += 1
+            pinned = self._pin_run(state, keys, done, done + run, holder.endpoint)
+            if pinned < run:
+                tried[holder.endpoint] = done + pinned
+            done += pinned
+        return done
+
+    def _candidates(self, state: ConsumerState, keys: Sequence[bytes]) -> Location:
+        if self.directory is not None:
+            location = self.directory.locate(keys)
+            if not location.ok:
+                self._metrics.count(metrics.DIRECTORY_ERRORS)
+            if location.ok or not self._peers:
+                return location
+        return self._probe_peers(keys)
+
+    def _probe_peers(self, keys: Sequence[bytes]) -> Location:
+        """Holders per key among the static peers (a Lookup without hold at each)."""
+        holders: list[list[Holder]] = [[] for _ in keys]
+        for endpoint in self._peers:
+            try:
+                answer = self._pool.get(endpoint).lookup(keys, hold=False)
+            except KVPeerError as exc:
+                self._count_failure(exc)
+                continue
+            for per_key, hit in zip(holders, answer.hits, strict=True):
+                if hit:
+                    per_key.append(Holder(endpoint, endpoint, 0))
+        return Location(holders, True, None)
+
+    def _pin_run(
+        self, state: ConsumerState, keys: list[bytes], start: int, end: int, endpoint: str
+    ) -> int:
+        """Ask ``endpoint`` to pin ``keys[start:end]``; record the pinned prefix; return its length."""
+        if endpoint == self._own_endpoint:
+            return 0
+        run = keys[start:end]
+        params = state.params
+        try:
+            answer = self._pool.get(endpoint).lookup(
+                run,
+                hold=True,
+                handoff_id=params.handoff_id if params.is_consumer else "",
+                wait_s=state.remaining_s() if params.is_consumer else 0.0,
+            )
+        except KVPeerError as exc:
+            self._count_failure(exc)
+            log.warning("lookup at %s failed: %s", endpoint, exc)
+            return 0
+        pinned = 0
+        while pinned < len(run) and answer.hits[pinned]:
+            pinned += 1
+        if not answer.lease_id:
+            return 0
+        lease = Lease(endpoint, answer.lease_id)
+        with state.lock:
+            keep = pinned > 0 and not state.expired
+            if keep:
+                lease.pending.update(run[:pinned])
+                state.leases.append(lease)
+                for i in range(pinned):
+                    state.pins[run[i]] = Pin(lease, i)
+        if not keep:
+            lease.released = True
+            self.release(lease)
+            return 0 if state.expired else pinned
+        return pinned
+
+    def _count_failure(self, exc: KVPeerError) -> None:
+        if isinstance(exc, PeerUnavailableError):
+            reason = "peer_unavailable"
+        elif isinstance(exc, IncompatiblePeerError):
+            reason = "incompatible_peer"
+        else:
+            reason = "lookup_refused"
+        self._metrics.count(metrics.FAILURES, 1, reason)
+
+
+def _tail(location: Location, start: int, tried: dict[str, int]) -> Location:
+    """``location`` from key ``start`` on, without holders known to lack a key there."""
+    holders = [
+        [h for h in per_key if tried.get(h.endpoint, len(location.holders)) > start + i]
+        for i, per_key in enumerate(location.holders[start:])
+    ]
+    return Location(holders, location.ok, location.error)

@@ -1,0 +1,179 @@
+"""Clusters of real processes for the tier's tests: a directory and simulated vLLM nodes.
+
+``cluster`` (fixture) yields a :class:`Cluster` that starts a ``kvpeer directory``
+subprocess and :class:`~kvpeer.sim.node.NodeProcess` nodes (each a real vLLM
+``TieringOffloadingManager`` with ``PeerSecondaryTier`` over ``/dev/shm``), and
+tears every one of them down at the end, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from kvpeer.sim.node import NodeProcess, NodeSpec
+
+_READY = re.compile(rb"ready on (\S+):(\d+)")
+
+
+class DirectoryProcess:
+    """``kvpeer directory`` in a subprocess; restartable on the same port."""
+
+    def __init__(self, *, lease_ttl_s: float = 3.0, store: str = "memory") -> None:
+        self.lease_ttl_s = lease_ttl_s
+        self.store = store
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> DirectoryProcess:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kvpeer",
+                "--log-level",
+                "WARNING",
+                "directory",
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--lease-ttl",
+                str(self.lease_ttl_s),
+                "--store",
+                self.store,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout_s
+        output = b""
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            output += line
+            match = _READY.search(line)
+            if match:
+                self.port = int(match.group(2))
+                return self
+            if not line and self.proc.poll() is not None:
+                break
+        self.kill()
+        raise RuntimeError(f"directory did not start:\n{output.decode(errors='replace')}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class Cluster:
+    """Processes of one test; everything started through it is torn down by the fixture."""
+
+    def __init__(self, tmp_path: Any) -> None:
+        self.tmp_path = tmp_path
+        self.directories: list[DirectoryProcess] = []
+        self.nodes: list[NodeProcess] = []
+
+    def directory(self, **kwargs: Any) -> DirectoryProcess:
+        directory = DirectoryProcess(**kwargs).start()
+        self.directories.append(directory)
+        return directory
+
+    def node(self, name: str, *, start: bool = True, **spec: Any) -> NodeProcess:
+        """A node (started unless ``start=False``); ``spec`` are NodeSpec fields."""
+        tier = {"listen": "127.0.0.1:0", "lookup_timeout_s": 10.0, **spec.pop("tier", {})}
+        env = {"PYTHONHASHSEED": "0", **spec.pop("env", {})}
+        node = NodeProcess(
+            NodeSpec(name, tier, env=env, **spec), log_path=str(self.tmp_path / f"{name}.log")
+        )
+        self.nodes.append(node)
+        return node.start() if start else node
+
+    def start(self, *nodes: NodeProcess) -> None:
+        """Start nodes side by side (each spends seconds importing vLLM)."""
+        for node in nodes:
+            node.launch()
+        for node in nodes:
+            node.wait_ready()
+
+    def close(self) -> None:
+        for node in self.nodes:
+            try:
+                if node.proc is not None and node.proc.poll() is None:
+                    node.stop(timeout_s=30)
+            except Exception:
+                node.kill()
+        for directory in self.directories:
+            directory.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Any) -> Iterator[Cluster]:
+    c = Cluster(tmp_path)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, what: str = "") -> Any:
+    """Poll until ``predicate()`` is truthy and return it; fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s}s waiting for {what or predicate}")
+        time.sleep(0.05)
+
+
+def hexkeys(keys: list[bytes]) -> list[str]:
+    return [k.hex() for k in keys]
+
+
+def shm_files(prefix: str = "vllm_offload_kvpeer-sim-") -> list[str]:
+    return [f for f in os.listdir("/dev/shm") if f.startswith(prefix)]
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (for a server that must be known before it starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def holders(directory: DirectoryProcess, fingerprint: str, keys: list[bytes]) -> list[set[str]]:
+    """Node ids the directory names for each key (fingerprint given as a digest)."""
+    import grpc
+
+    from kvpeer.v1 import directory_pb2, directory_pb2_grpc
+
+    with grpc.insecure_channel(directory.endpoint) as channel:
+        stub = directory_pb2_grpc.DirectoryStub(channel)
+        answer = stub.Locate(
+            directory_pb2.LocateRequest(fingerprint=fingerprint, keys=keys), timeout=10
+        )
+    nodes = [n.node_id for n in answer.nodes]
+    return [{nodes[i] for i in per_key.nodes} for per_key in answer.holders]
