@@ -98,7 +98,12 @@ class LookupResolver:
         """Pin the longest prefix of ``keys`` we can; return its length."""
         params = state.params
         if params.source is not None:
-            return self._pin_run(state, keys, 0, len(keys), str(params.source))
+            pinned = self._pin_run(state, keys, 0, len(keys), str(params.source))
+            # Decode-first handoff: the producer waited as long as it may (it caps
+            # wait_ms) and its prefill has not stored anything yet: ask again.
+            while pinned is None and params.is_consumer and not state.expired:
+                pinned = self._pin_run(state, keys, 0, len(keys), str(params.source))
+            return pinned or 0
         done = 0
         attempts = 0
         tried: dict[str, int] = {}  # endpoint -> first key index it failed to have
@@ -112,7 +117,7 @@ class LookupResolver:
                     continue
                 break
             attempts += 1
-            pinned = self._pin_run(state, keys, done, done + run, holder.endpoint)
+            pinned = self._pin_run(state, keys, done, done + run, holder.endpoint) or 0
             if pinned < run:
                 tried[holder.endpoint] = done + pinned
             done += pinned
@@ -143,8 +148,12 @@ class LookupResolver:
 
     def _pin_run(
         self, state: ConsumerState, keys: list[bytes], start: int, end: int, endpoint: str
-    ) -> int:
-        """Ask ``endpoint`` to pin ``keys[start:end]``; record the pinned prefix; return its length."""
+    ) -> int | None:
+        """Ask ``endpoint`` to pin ``keys[start:end]``; record the pinned prefix; return its length.
+
+        None means the holder answered but had none of the keys yet (worth asking again
+        for a handoff); 0 means it failed or refused.
+        """
         if endpoint == self._own_endpoint:
             return 0
         run = keys[start:end]
@@ -164,7 +173,7 @@ class LookupResolver:
         while pinned < len(run) and answer.hits[pinned]:
             pinned += 1
         if not answer.lease_id:
-            return 0
+            return None if not any(answer.hits) else 0
         lease = Lease(endpoint, answer.lease_id)
         with state.lock:
             keep = pinned > 0 and not state.expired
