@@ -1,12 +1,16 @@
 """Pull throughput: kvpeer's chunk stream against raw TCP, between two processes on loopback.
 
-    python benchmarks/pull_throughput.py --total-mib 256 --chunk-mib 2 --streams 4 --repeat 5
+    python benchmarks/pull_throughput.py --total-mib 256 --chunk-mib 2 --streams 1 4 \
+        --transport h2 grpc --repeat 5
 
-Both sides move the same synthetic rows (``--total-mib`` in ``--chunk-mib`` rows)
+Every path moves the same synthetic rows (``--total-mib`` in ``--chunk-mib`` rows)
 from a server process into a preallocated buffer of this process: raw TCP with
-``recv_into``, and kvpeer with lookup + pull (digests verified) + release.
-Repetitions are interleaved so that machine noise hits both alike; the medians
-and their ratio are printed, and written as JSON with ``--json``.
+``recv_into``, and kvpeer with lookup + pull (digests verified) + release, once
+per pull transport (``h2``: kvpeer.h2pull, rows received in place; ``grpc``:
+grpcio's stream) and stream count. Both transports pull from the same peer server
+process. Repetitions are interleaved so that machine noise hits every path alike;
+the medians, their ratio to raw TCP and the median of each repetition's ratio
+("paired") are printed, and written as JSON with ``--json``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import numpy as np
 from kvpeer.bench.pull import PeerNodeProcess, bench_fingerprint, timed_pull
 from kvpeer.bench.rawtcp import RawTcpSender, receive
 from kvpeer.bench.rows import synthetic_keys, synthetic_rows
-from kvpeer.peer_client import PeerClient
+from kvpeer.peer_client import PULL_TRANSPORTS, PeerClient
 
 SEED = 7
 
@@ -31,7 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--total-mib", type=int, default=256, help="bytes moved per repetition")
     parser.add_argument("--chunk-mib", type=float, default=2.0, help="size of one row")
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4], help="pull streams")
-    parser.add_argument("--channels", type=int, default=1, help="TCP connections per client")
+    parser.add_argument(
+        "--transport",
+        nargs="+",
+        choices=PULL_TRANSPORTS,
+        default=list(PULL_TRANSPORTS),
+        help="pull transports to measure",
+    )
+    parser.add_argument(
+        "--channels", type=int, default=1, help="gRPC connections per client (grpc transport)"
+    )
     parser.add_argument("--repeat", type=int, default=5, help="interleaved repetitions")
     parser.add_argument("--json", metavar="FILE", help="also write the results here")
     args = parser.parse_args(argv)
@@ -42,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     expected = synthetic_rows(num_chunks, chunk_bytes, SEED)
     keys = synthetic_keys(num_chunks, SEED)
     dest = np.empty_like(expected)
+    paths = [(t, s) for t in args.transport for s in args.streams]
     samples: dict[str, list[float]] = {"raw_tcp": []}
-    samples.update({f"kvpeer_{s}_streams": [] for s in args.streams})
+    samples.update({_name(t, s): [] for t, s in paths})
 
     print(
         f"moving {total / 2**20:.0f} MiB in {num_chunks} rows of {chunk_bytes} bytes, "
@@ -52,35 +66,47 @@ def main(argv: list[str] | None = None) -> int:
     with (
         RawTcpSender(num_chunks, chunk_bytes, SEED) as sender,
         PeerNodeProcess(num_chunks, chunk_bytes, SEED) as node,
-        PeerClient(
-            node.endpoint,
-            node_id="bench-client",
-            fingerprint=bench_fingerprint(chunk_bytes),
-            chunk_bytes=chunk_bytes,
-            channels=args.channels,
-        ) as client,
     ):
-        client.handshake()
+        clients = {
+            transport: PeerClient(
+                node.endpoint,
+                node_id=f"bench-client-{transport}",
+                fingerprint=bench_fingerprint(chunk_bytes),
+                chunk_bytes=chunk_bytes,
+                channels=args.channels,
+                pull_transport=transport,
+            )
+            for transport in args.transport
+        }
+        for client in clients.values():
+            client.handshake()
         for repetition in range(args.repeat):
             dest.fill(0)
             seconds = receive(sender.port, memoryview(dest))
             _check(dest, expected, "raw TCP")
             samples["raw_tcp"].append(total / seconds / 1e9)
-            for streams in args.streams:
+            for transport, streams in paths:
                 dest.fill(0)
-                seconds = timed_pull(client, keys, dest, streams=streams)
-                _check(dest, expected, "kvpeer")
-                samples[f"kvpeer_{streams}_streams"].append(total / seconds / 1e9)
+                seconds = timed_pull(clients[transport], keys, dest, streams=streams)
+                _check(dest, expected, f"kvpeer {transport}")
+                samples[_name(transport, streams)].append(total / seconds / 1e9)
             print(
                 f"  repetition {repetition + 1}: "
                 + ", ".join(f"{name} {values[-1]:.2f}" for name, values in samples.items())
             )
+        for client in clients.values():
+            client.close()
 
     medians = {name: statistics.median(values) for name, values in samples.items()}
     baseline = medians["raw_tcp"]
-    print(f"{'path':<20} {'median GB/s':>12} {'vs raw TCP':>11}")
+    # Each path against raw TCP in the same repetition: steadier when load comes and goes.
+    paired = {
+        name: statistics.median(v / raw for v, raw in zip(values, samples["raw_tcp"], strict=True))
+        for name, values in samples.items()
+    }
+    print(f"{'path':<24} {'median GB/s':>12} {'vs raw TCP':>11} {'paired':>7}")
     for name, value in medians.items():
-        print(f"{name:<20} {value:>12.2f} {value / baseline:>10.0%}")
+        print(f"{name:<24} {value:>12.2f} {value / baseline:>10.0%} {paired[name]:>7.0%}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
@@ -91,11 +117,16 @@ def main(argv: list[str] | None = None) -> int:
                     "samples_gbps": samples,
                     "median_gbps": medians,
                     "ratio_to_raw_tcp": {k: v / baseline for k, v in medians.items()},
+                    "median_paired_ratio_to_raw_tcp": paired,
                 },
                 f,
                 indent=2,
             )
     return 0
+
+
+def _name(transport: str, streams: int) -> str:
+    return f"kvpeer_{transport}_{streams}_streams"
 
 
 def _check(dest: np.ndarray, expected: np.ndarray, what: str) -> None:

@@ -8,12 +8,22 @@ and calls it from its background threads:
     result = client.pull(answer.lease_id, targets, streams=4)
     client.release(answer.lease_id)
 
-``pull`` writes each received row straight into the caller's ``dest`` view (one
-copy from gRPC's message, with numpy so that the GIL is released and streams
-copy in parallel), checks the XXH3-128 digest of the bytes as written and
-the key, and only then reports the row loaded. It never raises for transport
-failures: a dead peer, a deadline or a corrupt row ends as ``loaded`` flags plus a
-readable ``error``, so the caller falls back to recomputing.
+``pull`` writes each received row straight into the caller's ``dest`` view, checks
+the XXH3-128 digest of the bytes as written and the key, and only then reports
+the row loaded. It never raises for transport failures: a dead peer, a deadline
+or a corrupt row ends as ``loaded`` flags plus a readable ``error``, so the caller
+falls back to recomputing.
+
+Pulls have two transports (``pull_transport``), which behave alike:
+
+- ``"h2"`` (default): :mod:`kvpeer.h2pull`, a minimal HTTP/2 client that
+  receives each row with ``recv_into`` straight into ``dest`` (the kernel's copy
+  only), about twice grpcio's throughput here; each stream has a connection of
+  its own, kept for the next pull for a few seconds;
+- ``"grpc"``: grpcio's stream; each row is copied once from gRPC's message into
+  ``dest`` (numpy, so the GIL is released and streams copy in parallel).
+
+Handshake, lookup and release always go through grpcio.
 """
 
 from __future__ import annotations
@@ -22,9 +32,9 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
@@ -32,15 +42,18 @@ import numpy as np
 from kvpeer import PROTOCOL_VERSION
 from kvpeer.endpoint import parse_endpoint
 from kvpeer.errors import (
+    ConfigError,
     IncompatiblePeerError,
     KVPeerError,
     PeerUnavailableError,
     WireError,
 )
 from kvpeer.fingerprint import Fingerprint
+from kvpeer.h2conn import CallError
+from kvpeer.h2pull import H2PullTransport
 from kvpeer.security import Security
 from kvpeer.v1 import peer_pb2
-from kvpeer.wire import MAX_HEADER_BYTES, decode_chunk, digest
+from kvpeer.wire import MAX_HEADER_BYTES, ChunkHeader, decode_chunk, digest
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +65,8 @@ _CANCEL_POLL_S = 0.02
 _UNAVAILABLE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 )
+#: Values of ``pull_transport``.
+PULL_TRANSPORTS = ("h2", "grpc")
 
 
 @dataclass(frozen=True)
@@ -118,10 +133,16 @@ class PeerClient:
         chunk_bytes: this node's row size; the peer must use the same.
         security: TLS and token for the channel.
         rpc_timeout_s: deadline of handshake and lookup calls.
-        channels: TCP connections to the peer; a pull's streams are spread over
-            them round-robin. On a 2-core machine several connections did not beat
-            several streams on one (benchmarks/pull_throughput.py --channels), so
-            one is the default; control calls always use the first.
+        channels: gRPC connections to the peer; with the ``grpc`` transport a
+            pull's streams are spread over them round-robin. On a 2-core machine
+            several connections did not beat several streams on one
+            (benchmarks/pull_throughput.py --channels), so one is the default;
+            control calls always use the first.
+        pull_transport: ``"h2"`` (default; a connection per pull stream, rows
+            received in place) or ``"grpc"``; see the module docstring.
+
+    Raises:
+        ConfigError: ``pull_transport`` is not one of :data:`PULL_TRANSPORTS`.
     """
 
     def __init__(
@@ -134,8 +155,11 @@ class PeerClient:
         security: Security | None = None,
         rpc_timeout_s: float = 5.0,
         channels: int = 1,
+        pull_transport: str = "h2",
     ) -> None:
-        self.endpoint = str(parse_endpoint(endpoint, key="peer endpoint"))
+        _check_transport(pull_transport)
+        address = parse_endpoint(endpoint, key="peer endpoint")
+        self.endpoint = str(address)
         self._node_id = node_id
         self._fingerprint = fingerprint
         self._chunk_bytes = chunk_bytes
@@ -159,12 +183,15 @@ class PeerClient:
         self._pull_rpcs = [
             ch.unary_stream(
                 _SERVICE + "Pull",
-                request_serializer=peer_pb2.PullRequest.SerializeToString,
+                request_serializer=None,  # requests are serialized once per stream
                 response_deserializer=None,  # raw bytes: rows are decoded in place
                 _registered_method=True,
             )
             for ch in self._channels
         ]
+        self._h2 = None
+        if pull_transport == "h2":
+            self._h2 = H2PullTransport(address, security=security, chunk_bytes=chunk_bytes)
         self._next_channel = itertools.count()
         self._handshake_lock = threading.Lock()
         self._info: PeerInfo | None = None
@@ -283,6 +310,8 @@ class PeerClient:
     def close(self) -> None:
         """Close the channel(s); calls in progress fail, later calls raise or report."""
         self._closed = True
+        if self._h2 is not None:
+            self._h2.close()
         for channel in self._channels:
             channel.close()
 
@@ -388,41 +417,48 @@ class PeerClient:
         deadline: float,
         job: _PullJob,
     ) -> None:
-        """One Pull call for ``positions``; runs on its own thread (or the caller's)."""
+        """One Pull call for ``positions``; runs on its own thread (or the caller's).
+
+        The same checks for both transports: each row must be one asked for and
+        not sent before, under its key, of ``chunk_bytes``, and match its digest
+        as written in ``dest``.
+        """
         pending = {targets[p].index: p for p in positions}
         request = peer_pb2.PullRequest(lease_id=lease_id, indices=list(pending))
-        rpc = self._pull_rpcs[next(self._next_channel) % len(self._pull_rpcs)]
+        call: _RowStream | None = None
         try:
-            call = rpc(request, timeout=max(0.0, deadline - time.monotonic()))
+            call = self._start_pull(request.SerializeToString(), deadline)
             if not job.track(call):
                 return
-            for message in call:
-                frame = decode_chunk(message)
-                position = pending.pop(frame.index, None)
+            for row in call:
+                position = pending.pop(row.index, None)
                 if position is None:
-                    raise WireError(f"peer sent row {frame.index}, which was not asked for")
+                    raise WireError(
+                        f"peer sent row {row.index}, which was not asked for or sent twice"
+                    )
                 target, dest = targets[position], dests[position]
-                if frame.key != target.key:
+                if row.key != target.key:
+                    call.skip()
                     job.fail(
-                        f"row {frame.index}: peer sent key {frame.key.hex()}, "
+                        f"row {row.index}: peer sent key {row.key.hex()}, "
                         f"expected {target.key.hex()}"
                     )
                     continue
-                if len(frame.data) != dest.size:
+                if row.data_len != dest.size:
                     raise WireError(
-                        f"row {frame.index} has {len(frame.data)} bytes, expected {dest.size}"
+                        f"row {row.index} has {row.data_len} bytes, expected {dest.size}"
                     )
-                np.copyto(dest, np.frombuffer(frame.data, dtype=np.uint8))
-                if digest(dest) != frame.digest:
+                call.read_into(dest)
+                if digest(dest) != row.digest:
                     job.fail(
-                        f"row {frame.index}: digest mismatch, the row was corrupted "
+                        f"row {row.index}: digest mismatch, the row was corrupted "
                         "in transit; not loaded"
                     )
                     continue
                 job.loaded(position, dest.size)
             if pending:
                 job.fail(f"the peer ended the stream with {len(pending)} rows missing")
-        except grpc.RpcError as exc:
+        except (grpc.RpcError, CallError) as exc:
             job.fail(_describe(exc))
         except WireError as exc:
             job.fail(f"bad frame: {exc}")
@@ -432,7 +468,62 @@ class PeerClient:
             log.exception("pull stream from %s failed", self.endpoint)
             job.fail(f"{type(exc).__name__}: {exc}")
         finally:
+            if call is not None:
+                call.close()
             job.stream_done()
+
+    def _start_pull(self, request: bytes, deadline: float) -> _RowStream:
+        if self._h2 is not None:
+            return self._h2.start(request, deadline)
+        rpc = self._pull_rpcs[next(self._next_channel) % len(self._pull_rpcs)]
+        return _GrpcRowStream(rpc(request, timeout=max(0.0, deadline - time.monotonic())))
+
+
+class _RowStream(Protocol):
+    """One Pull call as :meth:`PeerClient._stream` reads it, whatever the transport.
+
+    Iterating yields each row's header; the row's data is then read into its
+    destination (:meth:`read_into`) or dropped (:meth:`skip`) before the next.
+    :meth:`cancel` may be called from any thread; :meth:`close` ends the call.
+    """
+
+    def __iter__(self) -> Iterator[ChunkHeader]: ...
+
+    def read_into(self, dest: np.ndarray) -> None: ...
+
+    def skip(self) -> None: ...
+
+    def cancel(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _GrpcRowStream:
+    """A grpcio Pull call as a :class:`_RowStream`: each message is decoded in place, then copied."""
+
+    def __init__(self, call: grpc.Call) -> None:
+        self._call = call
+        self._data: memoryview | None = None
+
+    def __iter__(self) -> Iterator[ChunkHeader]:
+        for message in self._call:
+            frame = decode_chunk(message)
+            self._data = frame.data
+            yield ChunkHeader(frame.index, frame.key, frame.digest, len(frame.data))
+
+    def read_into(self, dest: np.ndarray) -> None:
+        np.copyto(dest, np.frombuffer(self._data, dtype=np.uint8))  # releases the GIL
+        self._data = None
+
+    def skip(self) -> None:
+        self._data = None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    def close(self) -> None:
+        self._data = None
+        self._call.cancel()  # a no-op once the call ended
 
 
 class _PullJob:
@@ -449,11 +540,11 @@ class _PullJob:
         self._loaded = [False] * size
         self._bytes = 0
         self._error: str | None = None
-        self._calls: list[grpc.Call] = []
+        self._calls: list[_RowStream] = []
         self._cancelled = False
         self._running = streams
 
-    def track(self, call: grpc.Call) -> bool:
+    def track(self, call: _RowStream) -> bool:
         """Remember a started call so :meth:`cancel` can stop it; False if already cancelled."""
         with self._lock:
             if not self._cancelled:
@@ -502,6 +593,13 @@ def channel_options(chunk_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
+def _check_transport(pull_transport: str) -> None:
+    if pull_transport not in PULL_TRANSPORTS:
+        raise ConfigError(
+            "pull_transport", f"expected one of {list(PULL_TRANSPORTS)}, got {pull_transport!r}"
+        )
+
+
 def _unary(
     channel: grpc.Channel, method: str, request: type, response: type
 ) -> grpc.UnaryUnaryMultiCallable:
@@ -532,8 +630,11 @@ def _translate(exc: grpc.RpcError, what: str) -> KVPeerError:
 class PeerClientPool:
     """One :class:`PeerClient` per endpoint, created on first use, shared by threads.
 
-    The constructor takes what every client shares; :meth:`get` returns the client
-    of an endpoint. Thread-safe.
+    The constructor takes what every client shares (the keywords of
+    :class:`PeerClient`); :meth:`get` returns the client of an endpoint. Thread-safe.
+
+    Raises:
+        ConfigError: ``pull_transport`` is not one of :data:`PULL_TRANSPORTS`.
     """
 
     def __init__(
@@ -545,7 +646,9 @@ class PeerClientPool:
         security: Security | None = None,
         rpc_timeout_s: float = 5.0,
         channels: int = 1,
+        pull_transport: str = "h2",
     ) -> None:
+        _check_transport(pull_transport)
         self._kwargs = dict(
             node_id=node_id,
             fingerprint=fingerprint,
@@ -553,6 +656,7 @@ class PeerClientPool:
             security=security,
             rpc_timeout_s=rpc_timeout_s,
             channels=channels,
+            pull_transport=pull_transport,
         )
         self._lock = threading.Lock()
         self._clients: dict[str, PeerClient] = {}

@@ -88,6 +88,15 @@ class ChunkFrame(NamedTuple):
     data: memoryview
 
 
+class ChunkHeader(NamedTuple):
+    """The fields of a ``Chunk`` that precede ``data``, and ``data``'s length."""
+
+    index: int
+    key: bytes
+    digest: bytes
+    data_len: int
+
+
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
     result = 0
     shift = 0
@@ -110,13 +119,48 @@ def decode_chunk(message: bytes | memoryview) -> ChunkFrame:
 
     Raises :class:`WireError` on malformed input; never reads past ``message``.
     """
+    buf = _byte_view(message)
+    index, key, data_digest, data, _ = _parse_fields(buf, header_only=False)
+    offset, length = data or (0, 0)
+    return ChunkFrame(index, key, data_digest, buf[offset : offset + length])
+
+
+def decode_chunk_header(header: bytes | memoryview) -> ChunkHeader:
+    """Parse the bytes of a ``Chunk`` up to its ``data`` payload (what :func:`chunk_header` writes).
+
+    For receivers that read ``data`` straight into its destination: ``header``
+    must end with ``data``'s tag and length, so ``data`` is the message's last
+    field (as :func:`chunk_header` and protobuf encoders write it). Other fields
+    may come in any order; unknown ones are skipped.
+
+    Raises :class:`WireError` on malformed input, or when ``header`` does not end
+    exactly where ``data`` begins.
+    """
+    index, key, data_digest, data, end = _parse_fields(_byte_view(header), header_only=True)
+    if data is None or end != len(header):
+        raise WireError("the chunk header does not end with the data field's length")
+    return ChunkHeader(index, key, data_digest, data[1])
+
+
+def _byte_view(message: bytes | memoryview) -> memoryview:
     buf = memoryview(message)
     if buf.ndim != 1 or buf.itemsize != 1:
         buf = buf.cast("B")
+    return buf
+
+
+def _parse_fields(
+    buf: memoryview, *, header_only: bool
+) -> tuple[int, bytes, bytes, tuple[int, int] | None, int]:
+    """The fields of a serialized ``Chunk``: index, key, digest, (offset, length) of data, end.
+
+    With ``header_only``, stops right after ``data``'s length varint (``data`` is
+    then at ``end``, outside ``buf``); otherwise ``data``'s bytes must lie in ``buf``.
+    """
     index = 0
     key = b""
     data_digest = b""
-    data = buf[0:0]
+    data: tuple[int, int] | None = None
     pos = 0
     end = len(buf)
     while pos < end:
@@ -132,10 +176,12 @@ def decode_chunk(message: bytes | memoryview) -> ChunkFrame:
                 index = value
         elif wire_type == _WIRE_LEN:
             length, pos = _read_varint(buf, pos)
+            if header_only and field == _FIELD_DATA:
+                data = (pos, length)
+                break
             if length > end - pos:
                 raise WireError(f"field {field} claims {length} bytes, {end - pos} left")
             value_view = buf[pos : pos + length]
-            pos += length
             if field == _FIELD_KEY:
                 if length > MAX_KEY_BYTES:
                     raise WireError(f"key of {length} bytes exceeds {MAX_KEY_BYTES}")
@@ -143,7 +189,8 @@ def decode_chunk(message: bytes | memoryview) -> ChunkFrame:
             elif field == _FIELD_DIGEST:
                 data_digest = bytes(value_view)
             elif field == _FIELD_DATA:
-                data = value_view
+                data = (pos, length)
+            pos += length
         elif wire_type == _WIRE_FIXED64:
             pos += 8
         elif wire_type == _WIRE_FIXED32:
@@ -154,4 +201,4 @@ def decode_chunk(message: bytes | memoryview) -> ChunkFrame:
             raise WireError("truncated fixed-width field")
     if len(data_digest) != DIGEST_BYTES:
         raise WireError(f"digest has {len(data_digest)} bytes, expected {DIGEST_BYTES}")
-    return ChunkFrame(index, key, data_digest, data)
+    return index, key, data_digest, data, pos

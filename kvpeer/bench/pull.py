@@ -4,7 +4,8 @@
 over an :class:`~kvpeer.server.array_source.ArrayChunkSource` full of synthetic
 rows in its own process. :func:`timed_pull` looks the keys up, pulls every row
 into a preallocated buffer (digests verified by the client) and releases the
-lease, as the vLLM tier does for one load job.
+lease, as the vLLM tier does for one load job, through whichever pull transport
+the client was made with (``h2`` or ``grpc``).
 """
 
 from __future__ import annotations
