@@ -42,8 +42,7 @@ def idle(*nodes) -> bool:
 
 
 def test_b_reuses_a_prefix_through_static_peers(cluster):
-    a = cluster.node("a")
-    b = cluster.node("b", tier={"peers": [a.endpoint]})
+    a, b = cluster.pair()
     keys = chunk_keys("prompt-1", 12)
     assert a.call("store", keys=hexkeys(keys)) == 12
 
@@ -173,9 +172,15 @@ def test_reset_cache_during_a_pull_revokes_leases_without_wrong_bytes(cluster):
     port = free_port()
     with Relay(f"127.0.0.1:{port}", down=Faults(rate_bytes_per_s=24e6)) as relay:
         a = cluster.node(
-            "a", **BIG, tier={"listen": f"127.0.0.1:{port}", "advertise": relay.endpoint}
+            "a",
+            start=False,
+            **BIG,
+            tier={"listen": f"127.0.0.1:{port}", "advertise": relay.endpoint},
         )
-        b = cluster.node("b", **BIG, tier={"peers": [relay.endpoint], "pull_streams": 2})
+        b = cluster.node(
+            "b", start=False, **BIG, tier={"peers": [relay.endpoint], "pull_streams": 2}
+        )
+        cluster.start(a, b)
         keys = chunk_keys("reset-me", 24)
         a.call("store", keys=hexkeys(keys))
         result = {}
@@ -201,10 +206,12 @@ def test_consumer_shutdown_mid_pull_is_bounded_and_holder_pins_expire(cluster):
     with Relay(f"127.0.0.1:{port}", down=Faults(rate_bytes_per_s=16e6)) as relay:
         a = cluster.node(
             "a",
+            start=False,
             **BIG,
             tier={"listen": f"127.0.0.1:{port}", "advertise": relay.endpoint, "lease_ttl_s": 3.0},
         )
-        b = cluster.node("b", **BIG, tier={"peers": [relay.endpoint]})
+        b = cluster.node("b", start=False, **BIG, tier={"peers": [relay.endpoint]})
+        cluster.start(a, b)
         keys = chunk_keys("abandoned", 24)
         a.call("store", keys=hexkeys(keys))
         threading.Thread(

@@ -116,8 +116,10 @@ def test_vllm_p2p_parameter_spellings_work_the_same(pd):
 
 
 def test_handoff_timeout_unpins_and_late_pulls_and_stores_fail_cleanly(cluster):
-    prefill = cluster.node("prefill", tier={"handoff_timeout_s": 2.0})
-    decode = cluster.node("decode", tier={"handoff_wait_s": 3.0})
+    prefill, decode = cluster.pair(
+        {"name": "prefill", "tier": {"handoff_timeout_s": 2.0}},
+        {"name": "decode", "tier": {"handoff_wait_s": 3.0}},
+    )
     keys = chunk_keys("nobody-comes", 8)
     prefill.call("request", keys=hexkeys(keys), params=producer("h5"))
     assert prefill.call("pinned") == 8

@@ -50,6 +50,11 @@ class SchedulerDriver:
         self._engine = threading.Thread(target=self._engine_loop, name="sim-engine", daemon=True)
         self._engine.start()
 
+    @property
+    def engine_thread_id(self) -> int | None:
+        """Native id of the thread running the empty engine steps."""
+        return self._engine.native_id
+
     # -- whole requests -------------------------------------------------------
 
     def run_request(

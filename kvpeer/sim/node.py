@@ -48,6 +48,10 @@ class NodeSpec:
     canonical_layout: bool = True
     tokens_per_block: int = 16
     blocks_per_chunk: int = 1
+    #: What a computed chunk row holds: ``keyed`` (pseudo-random bytes derived from the
+    #: key), or ``canonical`` / ``direct``: the row vLLM's TP=``tp_size`` workers would
+    #: write for KV derived from the key, in that layout (kvpeer.sim.canonical).
+    rows: str = "keyed"
     #: vLLM's --prefix-caching-hash-algo.
     hash_algo: str = "sha256"
     #: Extra environment (e.g. PYTHONHASHSEED).
@@ -178,6 +182,7 @@ class _Node:
         from kvpeer.sim.engine import SchedulerDriver
 
         shape = {"tiny": vllm_config.TINY, "llama3-8b": vllm_config.LLAMA3_8B}[spec.shape]
+        self.shape = shape
         extra = {
             "spec_name": "TieringOffloadingSpec",
             "cpu_bytes_to_use": spec.cpu_bytes,
@@ -212,9 +217,25 @@ class _Node:
         self._call_times: dict[str, list[int]] | None = None
 
     def _row(self, key: bytes) -> bytes:
-        from kvpeer.sim.rows import keyed_row
+        """The row this node computes for ``key`` (see NodeSpec.rows)."""
+        if self.spec.rows == "keyed":
+            from kvpeer.sim.rows import keyed_row
 
-        return keyed_row(key, self.chunk_bytes)
+            return keyed_row(key, self.chunk_bytes)
+        from kvpeer.sim import canonical
+
+        geometry = canonical.KVGeometry.of(self.shape, self.spec.tokens_per_block)
+        seed = int.from_bytes(key[:8], "big") & ((1 << 63) - 1)
+        kv = canonical.random_kv_cache(geometry, self.spec.blocks_per_chunk, seed=seed)
+        layout = {"canonical": canonical.canonical_chunk_row, "direct": canonical.direct_chunk_row}
+        row = layout[self.spec.rows](
+            kv,
+            geometry,
+            self.spec.tp_size,
+            range(self.spec.blocks_per_chunk),
+            row_bytes=self.chunk_bytes,
+        )
+        return row.tobytes()
 
     # Each op_* takes JSON arguments and returns a JSON-able result.
 
@@ -275,6 +296,63 @@ class _Node:
             "load_s": report.load_s,
             "steps": report.steps,
             "bytes_loaded": len(loaded) * self.chunk_bytes,
+        }
+
+    def op_probe_caller_io(
+        self, keys: Sequence[str], inbound_keys: Sequence[str]
+    ) -> dict[str, Any]:
+        """Drive vLLM's calls from a fresh thread between two markers, for a syscall tracer.
+
+        Between the markers (writes of ``kvpeer-probe-begin``/``-end`` to /dev/null) the
+        thread runs a whole request over ``keys`` — lookups until settled, promotions
+        (submit_load), the load, the store (submit_store) — while a helper thread asks
+        this node's own chunk server for ``inbound_keys``, so that steps also serve a
+        peer (serve_external_requests). A tracer attached to this process checks that
+        neither this thread nor the engine-step thread touched a socket.
+        """
+        from kvpeer.peer_client import PeerClient
+        from kvpeer.sim.engine import END_OF_STEP
+
+        out: dict[str, Any] = {}
+        served: dict[str, Any] = {}
+
+        def peer_asks() -> None:
+            client = PeerClient(
+                self.tier.endpoint,
+                node_id="probe",
+                fingerprint=self.tier.fingerprint,
+                chunk_bytes=self.chunk_bytes,
+            )
+            with client:
+                answer = client.lookup([bytes.fromhex(k) for k in inbound_keys], hold=True)
+                served["hits"] = sum(answer.hits)
+                client.release(answer.lease_id)
+
+        def probe() -> None:
+            out["tid"] = threading.get_native_id()
+            with open("/dev/null", "wb", buffering=0) as marker:
+                marker.write(b"kvpeer-probe-begin")
+                asker = threading.Thread(target=peer_asks)
+                asker.start()
+                report = self.driver.run_request(
+                    f"probe-{time.monotonic_ns()}",
+                    [bytes.fromhex(k) for k in keys],
+                    compute=self._row,
+                )
+                while asker.is_alive():
+                    with self.manager.lock:
+                        self.manager.on_schedule_end(END_OF_STEP)
+                    asker.join(0.001)
+                marker.write(b"kvpeer-probe-end")
+            out["hit_chunks"] = report.hit_chunks
+
+        thread = threading.Thread(target=probe, name="probe-scheduler")
+        thread.start()
+        thread.join()
+        return {
+            **out,
+            "served_hits": served.get("hits", 0),
+            "engine_tid": self.driver.engine_thread_id,
         }
 
     def op_pinned(self) -> int:

@@ -108,6 +108,18 @@ class Cluster:
         self.nodes.append(node)
         return node.start() if start else node
 
+    def pair(self, holder: dict[str, Any] | None = None, consumer: dict[str, Any] | None = None):
+        """A holder and a consumer that knows it as a static peer, started side by side."""
+        port = free_port()
+        holder_spec = dict(holder or {})
+        holder_spec["tier"] = {"listen": f"127.0.0.1:{port}", **holder_spec.get("tier", {})}
+        consumer_spec = dict(consumer or {})
+        consumer_spec["tier"] = {"peers": [f"127.0.0.1:{port}"], **consumer_spec.get("tier", {})}
+        a = self.node(holder_spec.pop("name", "holder"), start=False, **holder_spec)
+        b = self.node(consumer_spec.pop("name", "consumer"), start=False, **consumer_spec)
+        self.start(a, b)
+        return a, b
+
     def start(self, *nodes: NodeProcess) -> None:
         """Start nodes side by side (each spends seconds importing vLLM)."""
         for node in nodes:
