@@ -22,7 +22,8 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
-from kvpeer.bench.directory import BATCH_SIZES, DirectoryProcess, StoreResult, measure_store
+from kvpeer.bench.directory import BATCH_SIZES, StoreResult, measure_store
+from kvpeer.sim.directory import DirectoryProcess
 
 
 def _start_redis(stack: ExitStack) -> str:
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_redis:
             stores.append(("redis", args.redis or _start_redis(stack)))
         for name, spec in stores:
-            with DirectoryProcess(["--store", spec, "--lease-ttl", "600"]) as directory:
+            with DirectoryProcess(["--store", spec, "--lease-ttl", "600"], metrics=True) as directory:
                 results.append(
                     measure_store(
                         directory,

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from kvpeer.bench.directory import DirectoryProcess
+from kvpeer.sim.directory import DirectoryProcess
 from kvpeer.v1 import directory_pb2 as pb
 from kvpeer.v1 import directory_pb2_grpc
 from tests.support.directory import FP_A, RPC_TIMEOUT_S, keys

@@ -1,7 +1,7 @@
 """Directory throughput: Publish and Locate keys/s through a real directory process.
 
-:class:`DirectoryProcess` runs ``kvpeer directory`` (the real command) as a child
-process. :func:`measure_store` drives it with raw gRPC stubs from this process —
+:class:`~kvpeer.sim.directory.DirectoryProcess` runs ``kvpeer directory`` (the
+real command) as a child process. :func:`measure_store` drives it with raw gRPC stubs from this process —
 the directory's own cost, not the client's batching — and returns:
 
 - Publish and Locate throughput in keys/s for each batch size, one caller
@@ -19,11 +19,7 @@ and prints the table with the Redis/memory ratios.
 from __future__ import annotations
 
 import re
-import selectors
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -35,96 +31,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kvpeer.bench.rows import synthetic_keys
 from kvpeer.errors import KVPeerError
 from kvpeer.fingerprint import Fingerprint
+from kvpeer.sim.directory import DirectoryProcess
 from kvpeer.v1 import directory_pb2 as pb
 from kvpeer.v1 import directory_pb2_grpc
 
 BATCH_SIZES = (1, 16, 256, 1024, 4096)
 #: Keys in the Locate whose server time is reported.
 SERVER_TIME_KEYS = 1000
-_READY = re.compile(r"ready on (\S+):(\d+) .*?(?:metrics :(\d+))?\)$")
-
-
-class DirectoryProcess:
-    """``kvpeer directory`` in a child process on 127.0.0.1 with a free port.
-
-    ``extra_args`` go to the command (e.g. ``["--store", "redis://..."]``);
-    ``python_args`` start the ``kvpeer`` command line (a test may wrap it).
-    Reads the command's ready line for the gRPC and metrics ports. :meth:`stop`
-    sends SIGTERM (a clean stop) and returns the exit code.
-    """
-
-    def __init__(
-        self,
-        extra_args: Sequence[str] = (),
-        *,
-        start_timeout_s: float = 60.0,
-        metrics: bool = True,
-        python_args: Sequence[str] = ("-m", "kvpeer"),
-    ) -> None:
-        args = [sys.executable, *python_args, "directory", "--listen", "127.0.0.1:0"]
-        if metrics:
-            args += ["--metrics-port", "0"]
-        # stderr (the log) goes to a file: a pipe nobody reads would fill and block the server.
-        self._log = tempfile.TemporaryFile(mode="w+t")  # noqa: SIM115 - closed by close()
-        self._proc = subprocess.Popen(
-            [*args, *extra_args], stdout=subprocess.PIPE, stderr=self._log, text=True
-        )
-        self.port = 0
-        self.metrics_port: int | None = None
-        line = self._read_ready_line(start_timeout_s)
-        match = _READY.search(line)
-        if match is None:
-            self.stop()
-            raise KVPeerError(f"kvpeer directory did not start: {line or self.stderr()}")
-        self.port = int(match.group(2))
-        self.metrics_port = int(match.group(3)) if match.group(3) else None
-
-    def _read_ready_line(self, timeout_s: float) -> str:
-        assert self._proc.stdout is not None
-        with selectors.DefaultSelector() as selector:
-            selector.register(self._proc.stdout, selectors.EVENT_READ)
-            if not selector.select(timeout_s):
-                return ""
-        return self._proc.stdout.readline().strip()
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
-
-    def poll(self) -> int | None:
-        return self._proc.poll()
-
-    def stderr(self) -> str:
-        """What the process has written to stderr (its log) so far."""
-        self._log.seek(0)
-        return self._log.read()
-
-    def stop(self, timeout_s: float = 15.0) -> int:
-        """SIGTERM, wait (SIGKILL after ``timeout_s``); return the exit code. Idempotent."""
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        return self._proc.returncode
-
-    def close(self) -> None:
-        self.stop()
-        if self._proc.stdout is not None:
-            self._proc.stdout.close()
-        self._log.close()
-
-    def __enter__(self) -> DirectoryProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 @dataclass

@@ -9,80 +9,14 @@ tears every one of them down at the end, also when a test fails.
 from __future__ import annotations
 
 import os
-import re
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
+from kvpeer.sim.directory import DirectoryProcess
 from kvpeer.sim.node import NodeProcess, NodeSpec
-
-_READY = re.compile(rb"ready on (\S+):(\d+)")
-
-
-class DirectoryProcess:
-    """``kvpeer directory`` in a subprocess; restartable on the same port."""
-
-    def __init__(self, *, lease_ttl_s: float = 3.0, store: str = "memory") -> None:
-        self.lease_ttl_s = lease_ttl_s
-        self.store = store
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 30.0) -> DirectoryProcess:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kvpeer",
-                "--log-level",
-                "WARNING",
-                "directory",
-                "--listen",
-                f"127.0.0.1:{self.port}",
-                "--lease-ttl",
-                str(self.lease_ttl_s),
-                "--store",
-                self.store,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout_s
-        output = b""
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            output += line
-            match = _READY.search(line)
-            if match:
-                self.port = int(match.group(2))
-                return self
-            if not line and self.proc.poll() is not None:
-                break
-        self.kill()
-        raise RuntimeError(f"directory did not start:\n{output.decode(errors='replace')}")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 class Cluster:
@@ -93,8 +27,9 @@ class Cluster:
         self.directories: list[DirectoryProcess] = []
         self.nodes: list[NodeProcess] = []
 
-    def directory(self, **kwargs: Any) -> DirectoryProcess:
-        directory = DirectoryProcess(**kwargs).start()
+    def directory(self, *, lease_ttl_s: float = 3.0, store: str = "memory") -> DirectoryProcess:
+        """A ``kvpeer directory`` process (short leases, so tests see expiry quickly)."""
+        directory = DirectoryProcess(["--lease-ttl", str(lease_ttl_s), "--store", store])
         self.directories.append(directory)
         return directory
 
@@ -135,7 +70,7 @@ class Cluster:
             except Exception:
                 node.kill()
         for directory in self.directories:
-            directory.stop()
+            directory.close()
 
 
 @pytest.fixture
