@@ -20,6 +20,7 @@ import pytest
 from kvpeer.h2conn import WINDOW
 from kvpeer.peer_client import PullTarget
 from kvpeer.security import Security
+from kvpeer.sim.relay import Relay
 from kvpeer.wire import encode_chunk
 from tests.support.certs import make_certs, tls_client, tls_server
 from tests.support.h2server import (
@@ -53,7 +54,6 @@ from tests.support.pull import (
     sentinel_buffer,
     transport_fixture,  # noqa: F401 - fixture
 )
-from tests.support.relay import Relay
 
 #: Small rows: a scripted answer must fit the 64 KiB a client's windows allow at first.
 CHUNK = 4096

@@ -20,6 +20,7 @@ from kvpeer.bench.rows import synthetic_keys, synthetic_rows
 from kvpeer.errors import ConfigError, IncompatiblePeerError, KVPeerError, PeerUnavailableError
 from kvpeer.fingerprint import Fingerprint
 from kvpeer.peer_client import PeerClientPool, PullTarget
+from kvpeer.sim.relay import Faults, Relay
 from tests.support.chunk_node import ChunkNode
 from tests.support.peer import (
     CHUNK_BYTES,
@@ -39,7 +40,6 @@ from tests.support.pull import (
     start_pull,
     transport_fixture,  # noqa: F401 - fixture
 )
-from tests.support.relay import Faults, Relay
 
 # -- Round trips ---------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from kvpeer.fingerprint import Fingerprint
 from kvpeer.server.array_source import ArrayChunkSource, RowPinnedError, SourceFullError
 from kvpeer.server.chunk_source import LookupRefused, PinnedChunks
 from kvpeer.server.peer_server import PeerServer
+from kvpeer.sim.relay import Faults, Relay
 from kvpeer.v1 import peer_pb2, peer_pb2_grpc
 from kvpeer.wire import digest
 from tests.support.peer import (
@@ -34,7 +35,6 @@ from tests.support.peer import (
     targets_for,
     wait_until,
 )
-from tests.support.relay import Faults, Relay
 
 TIMEOUT = 10.0
 

@@ -16,9 +16,9 @@ import time
 
 import pytest
 
+from kvpeer.sim.relay import Faults, Relay
 from kvpeer.sim.rows import chunk_keys
 from tests.support.cluster import free_port, hexkeys, holders, wait_for
-from tests.support.relay import Faults, Relay
 
 pytestmark = pytest.mark.slow
 

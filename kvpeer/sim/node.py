@@ -213,6 +213,8 @@ class _Node:
         self.tier = self.manager.secondary_tiers[0]
         self.chunk_bytes = self.tier.block_size_bytes
         self.stopped = threading.Event()
+        self._shutdown_lock = threading.Lock()
+        self._shut_down = False
         #: Samples (ns) of the tier calls timed by op_time_tier_calls, once enabled.
         self._call_times: dict[str, list[int]] | None = None
 
@@ -413,8 +415,25 @@ class _Node:
             self.manager.on_reset_flushed()
         return True
 
+    def op_flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until the keys this node published have reached the directory."""
+        deadline = time.monotonic() + timeout_s
+        while self.tier._directory is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # the tier joins its directory just after start-up
+        directory = self.tier._directory
+        return directory is not None and directory.flush(max(0.0, deadline - time.monotonic()))
+
+    def op_served(self) -> dict[str, int]:
+        """Chunks and bytes this node's chunk server has streamed so far (cumulative)."""
+        stats = self.tier._server.stats()
+        return {"chunks": stats["chunks_served"], "bytes": stats["bytes_served"]}
+
     def op_shutdown(self) -> dict[str, Any]:
-        self.driver.close()
+        """Shut vLLM's manager down (idempotent); the process then exits."""
+        with self._shutdown_lock:
+            if not self._shut_down:
+                self.driver.close()
+                self._shut_down = True
         self.stopped.set()
         info = self.op_info()
         return {"shm_left": os.path.exists(info["shm_path"])}
@@ -474,9 +493,21 @@ def main() -> None:
     )
     spec = NodeSpec(**json.loads(sys.stdin.read()))
     authkey = bytes.fromhex(os.environ["KVPEER_SIM_AUTHKEY"])
+    _die_with_parent()
     node = _Node(spec)
     signal.signal(signal.SIGTERM, lambda *_: node.stopped.set())
     _serve(node, args.control, authkey)
+    node.op_shutdown()  # also after SIGTERM: vLLM's shutdown removes the /dev/shm file
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this node when its parent dies (a demo stopped with SIGKILL)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: the parent's own cleanup has to do
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""A fault-injecting TCP relay for tests: put it between a client and a real server.
+"""A fault-injecting TCP relay: put it between a client and a real server (demo, tests).
 
 The relay listens on a free loopback port and forwards every connection to its
 target, byte for byte, in both directions. :class:`Faults` describe what to do to
