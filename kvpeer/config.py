@@ -50,6 +50,9 @@ class TierConfig:
     pull_timeout_s: float = 60.0
     #: Concurrent gRPC streams one pull is split over.
     pull_streams: int = 4
+    #: How pulls read rows: ``h2`` (rows read straight into vLLM's primary rows) or
+    #: ``grpc`` (through grpcio's Python layer: slower, kept as a fallback).
+    pull_transport: str = "h2"
     #: Concurrent pulls this node runs at once (further jobs queue).
     max_concurrent_pulls: int = 4
     #: How long a lease pins chunks for a peer that neither pulls nor releases.
@@ -159,6 +162,15 @@ def _locality(raw: Any, key: str) -> str:
     return value
 
 
+def _choice(*allowed: str):
+    def parse(raw: Any, key: str) -> str:
+        if raw not in allowed:
+            raise ConfigError(key, f"expected one of {list(allowed)}, got {raw!r}")
+        return raw
+
+    return parse
+
+
 def _seconds(low: float, high: float, *, allow_zero: bool = False):
     def parse(raw: Any, key: str) -> float:
         if isinstance(raw, bool) or not isinstance(raw, (int, float)):
@@ -197,6 +209,7 @@ _PARSERS = {
     "rpc_timeout_s": _seconds(0.01, 600),
     "pull_timeout_s": _seconds(0.1, 3600),
     "pull_streams": _count(1, 64),
+    "pull_transport": _choice("h2", "grpc"),
     "max_concurrent_pulls": _count(1, 256),
     "lease_ttl_s": _seconds(0.1, 3600),
     "handoff_timeout_s": _seconds(0.1, 3600),

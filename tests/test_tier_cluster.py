@@ -41,8 +41,9 @@ def idle(*nodes) -> bool:
     return True
 
 
-def test_b_reuses_a_prefix_through_static_peers(cluster):
-    a, b = cluster.pair()
+@pytest.mark.parametrize("transport", ["h2", "grpc"])
+def test_b_reuses_a_prefix_through_static_peers(cluster, transport):
+    a, b = cluster.pair(consumer={"tier": {"pull_transport": transport}})
     keys = chunk_keys("prompt-1", 12)
     assert a.call("store", keys=hexkeys(keys)) == 12
 

@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "proxy": ("kvpeer.cli.proxy", "run the prefill/decode OpenAI-compatible proxy"),
     "inspect": (
         "kvpeer.cli.inspect",
-        "show the fingerprints of a node, a tier config or the directory",
+        "show the fingerprints of nodes or of the directory, and why two nodes do not share",
     ),
     "bench": ("kvpeer.cli.bench", "compare kvpeer with raw TCP and vLLM's p2p tier"),
 }

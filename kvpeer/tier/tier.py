@@ -164,6 +164,7 @@ class PeerSecondaryTier(SecondaryTierManager):
                 chunk_bytes=self.block_size_bytes,
                 security=config.security,
                 rpc_timeout_s=config.rpc_timeout_s,
+                pull_transport=config.pull_transport,
             )
             undo.callback(self._pool.close_all)
             self._publisher = Publisher(
