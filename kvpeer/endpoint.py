@@ -12,7 +12,9 @@ from typing import NamedTuple
 
 from kvpeer.errors import ConfigError
 
-_HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9\-._]*[A-Za-z0-9])?$")
+_HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9\-._]*[A-Za-z0-9])?")
+#: An IPv6 literal between brackets, with an optional zone (``fe80::1%eth0``).
+_IPV6_RE = re.compile(r"[0-9A-Fa-f:.]+(%[A-Za-z0-9\-._]+)?")
 _WILDCARDS = frozenset({"0.0.0.0", "::", "[::]", ""})
 
 
@@ -41,6 +43,8 @@ def parse_endpoint(text: object, *, key: str, allow_port_zero: bool = False) -> 
         host, sep, rest = value[1:].partition("]")
         if not sep or not rest.startswith(":"):
             raise ConfigError(key, f"expected '[ipv6]:port', got {text!r}")
+        if host and not _IPV6_RE.fullmatch(host):
+            raise ConfigError(key, f"invalid IPv6 address {host!r} in {text!r}")
         port_text = rest[1:]
     else:
         host, sep, port_text = value.rpartition(":")
@@ -48,9 +52,9 @@ def parse_endpoint(text: object, *, key: str, allow_port_zero: bool = False) -> 
             raise ConfigError(key, f"missing ':port' in {text!r}")
         if ":" in host:
             raise ConfigError(key, f"IPv6 addresses need brackets, e.g. '[::1]:7601', got {text!r}")
-        if host and not _HOST_RE.match(host):
+        if host and not _HOST_RE.fullmatch(host):
             raise ConfigError(key, f"invalid host {host!r} in {text!r}")
-    if not port_text.isdigit():
+    if not (port_text.isascii() and port_text.isdigit()):
         raise ConfigError(key, f"port must be a number in {text!r}")
     port = int(port_text)
     if not (0 if allow_port_zero else 1) <= port <= 65535:

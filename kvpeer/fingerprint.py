@@ -22,7 +22,7 @@ from types import MappingProxyType
 from kvpeer.errors import WireError
 from kvpeer.v1 import fingerprint_pb2
 
-_DIGEST_RE = re.compile(r"^[0-9a-f]{32}$")
+_DIGEST_RE = re.compile(r"[0-9a-f]{32}")
 MAX_INGREDIENTS = 64
 MAX_INGREDIENT_BYTES = 4096
 
@@ -95,7 +95,8 @@ class Fingerprint:
         fp = cls(dict(msg.ingredients))
         if msg.digest != fp.digest:
             raise WireError(
-                f"fingerprint digest {msg.digest!r} does not match its ingredients ({fp.digest})"
+                f"fingerprint digest {msg.digest[:80]!r} does not match its ingredients "
+                f"({fp.digest})"
             )
         return fp
 
@@ -127,4 +128,4 @@ class Fingerprint:
 
 def is_digest(text: str) -> bool:
     """Whether ``text`` has the form of a fingerprint digest (32 lower-case hex digits)."""
-    return bool(_DIGEST_RE.match(text))
+    return bool(_DIGEST_RE.fullmatch(text))

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -50,7 +51,7 @@ from kvpeer.server.directory_store import (
     UnknownNodeError,
     check_keys,
 )
-from kvpeer.server.grpc_server import GrpcServer, Service
+from kvpeer.server.grpc_server import GrpcServer, Service, status_details
 from kvpeer.v1 import directory_pb2 as pb
 from kvpeer.v1 import directory_pb2_grpc
 
@@ -190,6 +191,7 @@ _Handler = TypeVar("_Handler", bound=Callable[..., Any])
 def _rpc(method: _Handler) -> _Handler:
     """Wrap a servicer method: time it, count its outcome, map refusals to statuses.
 
+    Requests that did not parse are answered INVALID_ARGUMENT (see :func:`_lenient_parser`).
     Unexpected exceptions are logged and answered INTERNAL; the server keeps running.
     """
     name = method.__name__
@@ -200,6 +202,8 @@ def _rpc(method: _Handler) -> _Handler:
         code = grpc.StatusCode.OK
         message = ""
         try:
+            if isinstance(request, _Malformed):
+                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, request.message)
             return method(self, request, context)
         except _Refused as exc:
             code, message = exc.code, exc.message
@@ -211,7 +215,7 @@ def _rpc(method: _Handler) -> _Handler:
         finally:
             self.metrics.seconds.labels(name).observe(time.perf_counter() - start)
             self.metrics.requests.labels(name, code.name).inc()
-        context.abort(code, message)
+        context.abort(code, status_details(message))
 
     return handler  # type: ignore[return-value]
 
@@ -361,23 +365,44 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServicer):
         )
 
 
-class _HandlerCapture:
-    """Stands in for a grpc.Server to take the generic handler the generated code builds."""
+class _Malformed:
+    """What a handler receives instead of a request whose bytes do not parse."""
 
-    handler: grpc.GenericRpcHandler
+    __slots__ = ("message",)
 
-    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        (self.handler,) = handlers
+    def __init__(self, message: str) -> None:
+        self.message = message
 
-    def add_registered_method_handlers(self, name: str, handlers: dict[str, Any]) -> None:
-        pass
+
+def _lenient_parser(cls: type[Message]) -> Callable[[bytes], Message | _Malformed]:
+    """A request deserializer that never raises.
+
+    gRPC answers an exception in a deserializer with INTERNAL ("Exception
+    deserializing request!"), which tells the caller nothing and reads like a
+    server bug; :func:`_rpc` answers a :class:`_Malformed` with INVALID_ARGUMENT
+    naming the message instead.
+    """
+
+    def parse(raw: bytes) -> Message | _Malformed:
+        try:
+            return cls.FromString(raw)
+        except DecodeError as exc:
+            return _Malformed(f"malformed {cls.DESCRIPTOR.full_name}: {exc}")
+
+    return parse
 
 
 def directory_service(servicer: DirectoryServicer) -> Service:
-    """The servicer as a :class:`Service` for :class:`GrpcServer`."""
-    capture = _HandlerCapture()
-    directory_pb2_grpc.add_DirectoryServicer_to_server(servicer, capture)
-    return Service(SERVICE_NAME, capture.handler)
+    """The servicer as a :class:`Service` for :class:`GrpcServer`, one handler per proto method."""
+    handlers = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=_lenient_parser(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+        for method in pb.DESCRIPTOR.services_by_name["Directory"].methods
+    }
+    return Service(SERVICE_NAME, grpc.method_handlers_generic_handler(SERVICE_NAME, handlers))
 
 
 def check_lease_ttl(ttl_s: float, key: str = "lease_ttl") -> float:

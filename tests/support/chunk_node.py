@@ -131,6 +131,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--node-id", default="chunk-node")
     parser.add_argument("--ingredients", default=json.dumps(dict(DEFAULT_INGREDIENTS)))
     parser.add_argument("--lease-ttl", type=float, default=30.0)
+    parser.add_argument("--max-lookup-wait", type=float, default=10.0)
     parser.add_argument("--tls-cert")
     parser.add_argument("--tls-key")
     parser.add_argument("--tls-ca")
@@ -155,6 +156,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         fingerprint=Fingerprint(json.loads(args.ingredients)),
         security=security,
         lease_ttl_s=args.lease_ttl,
+        max_lookup_wait_s=args.max_lookup_wait,
     ).start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
