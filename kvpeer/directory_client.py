@@ -535,7 +535,7 @@ class DirectoryClient:
         except grpc.RpcError as exc:
             with self._cond:
                 self._inflight = False
-                if _code(exc) == grpc.StatusCode.INVALID_ARGUMENT:
+                if _code(exc) in _REFUSED_BATCH:  # sending it again would be refused again
                     log.error("directory refused a batch of %d keys: %s", len(keys), _describe(exc))
                     self._stats["errors"] += 1
                 else:
@@ -550,6 +550,10 @@ class DirectoryClient:
             self._stats["publish_calls" if op else "withdraw_calls"] += 1
             self._reachable()
             self._cond.notify_all()
+
+
+#: Statuses that refuse a publish/withdraw batch for what it is, not for the moment.
+_REFUSED_BATCH = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 def longest_run(

@@ -460,3 +460,21 @@ def test_token_protects_the_directory(make_directory, tmp_path) -> None:
         assert join(directory_pb2_grpc.DirectoryStub(channel), "a") > 0
     finally:
         channel.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_a_node_cannot_grow_the_directory_past_its_key_cap(make_directory, kind) -> None:
+    harness = make_directory(kind, max_keys_per_node=100)
+    stub = harness.stub()
+    epoch = join(stub, "greedy")
+    publish(stub, "greedy", epoch, keys(90))
+    publish(stub, "greedy", epoch, keys(90))  # already held: republishing is fine
+
+    error = rpc_error(lambda: publish(stub, "greedy", epoch, keys(20, tag="more")))
+
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "limit is 100 per node" in error.details()
+    assert locate(stub, keys(1, tag="more")) == [set()], "the refused batch recorded nothing"
+    stub.Withdraw(pb.WithdrawRequest(node_id="greedy", epoch=epoch, keys=keys(50)), timeout=10)
+    publish(stub, "greedy", epoch, keys(20, tag="more"))  # room again
+    assert locate(stub, keys(1, tag="more")) == [{("greedy", epoch)}]

@@ -48,6 +48,7 @@ from kvpeer.server.directory_store import (
     StaleEpochError,
     StoreError,
     StoreUnavailableError,
+    TooManyKeysError,
     UnknownNodeError,
     check_keys,
 )
@@ -81,6 +82,8 @@ def _status_of(exc: StoreError) -> grpc.StatusCode:
         return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(exc, StoreUnavailableError):
         return grpc.StatusCode.UNAVAILABLE
+    if isinstance(exc, TooManyKeysError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     return grpc.StatusCode.INTERNAL
 
 

@@ -45,6 +45,10 @@ MAX_KEYS_PER_CALL = 4096
 MAX_KEY_BYTES = 64
 #: Longest node id, in characters.
 MAX_NODE_ID_CHARS = 128
+#: Most keys one registration may hold. A vLLM node holds one key per primary-tier
+#: row (a 20 GiB tier of 2 MiB rows is 10,240 keys); the cap keeps one misbehaving
+#: or hostile node from growing the directory without bound.
+MAX_KEYS_PER_NODE = 1 << 20
 
 
 class StoreError(KVPeerError):
@@ -69,6 +73,16 @@ class StaleEpochError(StoreError):
         self.node_id = node_id
         self.epoch = epoch
         self.current = current
+
+
+class TooManyKeysError(StoreError):
+    """Publishing would take a registration past its cap of keys."""
+
+    def __init__(self, node_id: str, held: int, adding: int, cap: int) -> None:
+        super().__init__(
+            f"node {node_id} holds {held} keys and publishes {adding} new ones, the limit is "
+            f"{cap} per node: withdraw keys it no longer holds"
+        )
 
 
 class StoreUnavailableError(StoreError):
@@ -166,7 +180,11 @@ class DirectoryStore(ABC):
     def publish(self, node_id: str, epoch: int, keys: Sequence[bytes]) -> int:
         """Record that the registration holds ``keys``; idempotent; return ``len(keys)``.
 
-        Raises :class:`UnknownNodeError` or :class:`StaleEpochError`.
+        All or nothing: a batch that would take the registration past
+        ``max_keys_per_node`` keys records none of them.
+
+        Raises :class:`UnknownNodeError`, :class:`StaleEpochError` or
+        :class:`TooManyKeysError`.
         """
 
     @abstractmethod
@@ -249,7 +267,10 @@ class MemoryStore(DirectoryStore):
 
     name = "memory"
 
-    def __init__(self, *, sweep_batch: int = 5000) -> None:
+    def __init__(
+        self, *, sweep_batch: int = 5000, max_keys_per_node: int = MAX_KEYS_PER_NODE
+    ) -> None:
+        self._max_keys_per_node = max_keys_per_node
         self._lock = threading.Lock()
         self._nodes: dict[str, _Registration] = {}
         self._index: dict[str, dict[bytes, _Registration | list[_Registration]]] = {}
@@ -307,6 +328,10 @@ class MemoryStore(DirectoryStore):
             reg = self._current(node_id, epoch, time.monotonic())
             index = self._index.setdefault(reg.fingerprint.digest, {})
             held = reg.keys
+            if len(held) + len(keys) > self._max_keys_per_node:
+                adding = len(set(keys) - held)
+                if len(held) + adding > self._max_keys_per_node:
+                    raise TooManyKeysError(node_id, len(held), adding, self._max_keys_per_node)
             get = index.get
             for key in keys:
                 if key in held:

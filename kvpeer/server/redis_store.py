@@ -45,6 +45,7 @@ from redis.retry import Retry
 from kvpeer.errors import ConfigError
 from kvpeer.fingerprint import Fingerprint
 from kvpeer.server.directory_store import (
+    MAX_KEYS_PER_NODE,
     DirectoryStore,
     Located,
     NamespaceStats,
@@ -52,6 +53,7 @@ from kvpeer.server.directory_store import (
     NodeRef,
     StaleEpochError,
     StoreUnavailableError,
+    TooManyKeysError,
     UnknownNodeError,
 )
 from kvpeer.v1 import fingerprint_pb2
@@ -133,7 +135,7 @@ redis.call('ZADD', P .. 'leases', exp, epoch)
 return {'ok'}
 """
 
-# ARGV: prefix, node, epoch, packed keys -> {'ok', number of keys}
+# ARGV: prefix, node, epoch, packed keys, cap -> {'ok', number of keys}, or {'too_many', held, adding}
 # A new entry (the common case) is one SET NX.
 _PUBLISH = """
 local node, epoch = ARGV[2], ARGV[3]
@@ -141,6 +143,16 @@ local bad, fp = check(node, epoch)
 if bad then return bad end
 local kp = P .. 'k:' .. fp .. ':'
 local keys = unpack_keys(ARGV[4])
+local cap = tonumber(ARGV[5])
+local held = redis.call('SCARD', P .. 'nk:' .. epoch)
+if held + #keys > cap then
+  local adding = 0
+  for i = 1, #keys, 1000 do
+    local known = redis.call('SMISMEMBER', P .. 'nk:' .. epoch, unpack(keys, i, math.min(i + 999, #keys)))
+    for _, k in ipairs(known) do if k == 0 then adding = adding + 1 end end
+  end
+  if held + adding > cap then return {'too_many', held, adding} end
+end
 for i = 1, #keys do
   local k = kp .. keys[i]
   if not redis.call('SET', k, epoch, 'NX') then
@@ -314,8 +326,10 @@ class RedisStore(DirectoryStore):
         prefix: str = "kvpeer:",
         timeout_s: float = 2.0,
         sweep_batch: int = 2000,
+        max_keys_per_node: int = MAX_KEYS_PER_NODE,
         key: str = "store",
     ) -> None:
+        self._max_keys_per_node = max_keys_per_node
         self._address, self.name = _describe_url(url, key)
         try:
             self._redis = redis.Redis.from_url(
@@ -364,6 +378,8 @@ class RedisStore(DirectoryStore):
             return reply
         if status == b"stale":
             raise StaleEpochError(node_id, epoch, int(reply[1]))
+        if status == b"too_many":
+            raise TooManyKeysError(node_id, int(reply[1]), int(reply[2]), self._max_keys_per_node)
         raise UnknownNodeError(node_id)
 
     @staticmethod
@@ -383,7 +399,10 @@ class RedisStore(DirectoryStore):
         self._checked(node_id, epoch, self._heartbeat, self._ttl_ms(ttl_s))
 
     def publish(self, node_id: str, epoch: int, keys: Sequence[bytes]) -> int:
-        return int(self._checked(node_id, epoch, self._publish, self._pack(keys))[1])
+        reply = self._checked(
+            node_id, epoch, self._publish, self._pack(keys), self._max_keys_per_node
+        )
+        return int(reply[1])
 
     def withdraw(self, node_id: str, epoch: int, keys: Sequence[bytes]) -> int:
         return int(self._checked(node_id, epoch, self._withdraw, self._pack(keys))[1])

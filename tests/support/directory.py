@@ -18,7 +18,7 @@ import pytest
 
 from kvpeer.fingerprint import Fingerprint
 from kvpeer.server.directory_server import DirectoryServer
-from kvpeer.server.directory_store import DirectoryStore, MemoryStore
+from kvpeer.server.directory_store import MAX_KEYS_PER_NODE, DirectoryStore, MemoryStore
 from kvpeer.server.redis_store import RedisStore
 from kvpeer.v1 import directory_pb2 as pb
 from kvpeer.v1 import directory_pb2_grpc
@@ -46,7 +46,15 @@ def wait_until(predicate: Callable[[], object], timeout_s: float = 20.0, what: s
 class DirectoryHarness:
     """An in-process directory over a memory or Redis store, restartable on its port."""
 
-    def __init__(self, kind: str, redis: RedisServer | None, *, lease_ttl_s: float = 5.0):
+    def __init__(
+        self,
+        kind: str,
+        redis: RedisServer | None,
+        *,
+        lease_ttl_s: float = 5.0,
+        max_keys_per_node: int = MAX_KEYS_PER_NODE,
+    ):
+        self.max_keys_per_node = max_keys_per_node
         self.kind = kind
         self.redis = redis
         self.lease_ttl_s = lease_ttl_s
@@ -56,9 +64,9 @@ class DirectoryHarness:
 
     def new_store(self) -> DirectoryStore:
         if self.kind == "memory":
-            return MemoryStore()
+            return MemoryStore(max_keys_per_node=self.max_keys_per_node)
         assert self.redis is not None
-        return RedisStore(self.redis.url, timeout_s=2.0)
+        return RedisStore(self.redis.url, timeout_s=2.0, max_keys_per_node=self.max_keys_per_node)
 
     def start(self, **kwargs: object) -> DirectoryHarness:
         self.server = DirectoryServer(
@@ -155,7 +163,8 @@ def make_directory() -> Iterator[Callable[..., DirectoryHarness]]:
     def make(kind: str = "memory", *, start: bool = True, **options: object) -> DirectoryHarness:
         redis = RedisServer(appendonly=True).start() if kind == "redis" else None
         lease = float(options.pop("lease_ttl_s", 5.0))  # type: ignore[arg-type]
-        harness = DirectoryHarness(kind, redis, lease_ttl_s=lease)
+        cap = int(options.pop("max_keys_per_node", MAX_KEYS_PER_NODE))  # type: ignore[arg-type]
+        harness = DirectoryHarness(kind, redis, lease_ttl_s=lease, max_keys_per_node=cap)
         made.append((harness, redis))
         return harness.start(**options) if start else harness
 
