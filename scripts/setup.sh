@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a fresh Debian/Ubuntu machine for kvpeer:
-# a virtualenv in .venv with kvpeer, vLLM 0.33.0 and the test tools, and redis-server.
+# a virtualenv in .venv with kvpeer, vLLM 0.33.0, the test tools and NIXL (for the
+# benchmark against vLLM's p2p tier), and redis-server.
 # Used by scripts/demo.sh and scripts/test.sh; safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +11,8 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".[vllm,dev]"
+# bench: NIXL for vLLM's p2p tier in `kvpeer bench` (about 130 MB download, 240 MB installed).
+.venv/bin/python -m pip install --quiet -e ".[vllm,dev,bench]"
 
 # Redis backs the directory's shared store; its tests start a real redis-server.
 if ! command -v redis-server >/dev/null 2>&1; then

@@ -22,11 +22,11 @@ from kvpeer.errors import KVPeerError
 _REQUEST = struct.Struct(">Q")
 
 
-def _serve(conn: Connection, num_chunks: int, chunk_bytes: int, seed: int) -> None:
+def _serve(conn: Connection, num_chunks: int, chunk_bytes: int, seed: int, host: str) -> None:
     """Sender process: serve byte requests until terminated, one connection at a time."""
     rows = synthetic_rows(num_chunks, chunk_bytes, seed)
     flat = memoryview(rows).cast("B")
-    with socket.create_server(("127.0.0.1", 0)) as listener:
+    with socket.create_server((host, 0)) as listener:
         report_port(conn, listener.getsockname()[1])
         while True:
             peer, _ = listener.accept()
@@ -55,20 +55,27 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes | None:
 
 
 class RawTcpSender(ServerProcess):
-    """A sender process over synthetic rows (see :func:`kvpeer.bench.rows.synthetic_rows`)."""
+    """A sender process over synthetic rows (see :func:`kvpeer.bench.rows.synthetic_rows`).
 
-    def __init__(self, num_chunks: int, chunk_bytes: int, seed: int) -> None:
-        super().__init__(_serve, num_chunks, chunk_bytes, seed)
+    It listens on ``host`` (loopback unless a benchmark runs it in a network namespace).
+    """
+
+    def __init__(
+        self, num_chunks: int, chunk_bytes: int, seed: int, host: str = "127.0.0.1"
+    ) -> None:
+        super().__init__(_serve, num_chunks, chunk_bytes, seed, host)
 
 
-def receive(port: int, dest: memoryview, *, timeout_s: float = 120.0) -> float:
-    """Fill ``dest`` (a writable byte view) from the sender on ``port``; return seconds.
+def receive(
+    port: int, dest: memoryview, *, host: str = "127.0.0.1", timeout_s: float = 120.0
+) -> float:
+    """Fill ``dest`` (a writable byte view) from the sender at ``host:port``; return seconds.
 
     The clock runs from connecting to the last byte received.
     """
     view = dest.cast("B")
     started = time.perf_counter()
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+    with socket.create_connection((host, port), timeout=timeout_s) as sock:
         sock.sendall(_REQUEST.pack(len(view)))
         received = 0
         while received < len(view):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,8 +109,14 @@ class NodeProcess:
                     f"node {self.spec.name} did not start in {timeout_s}s:\n{self.log_tail()}"
                 )
             time.sleep(0.05)
-        self.info = self.call("info")
-        return self
+        while True:  # the socket file exists from bind(); connections work from listen()
+            try:
+                self.info = self.call("info")
+                return self
+            except NodeError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     @property
     def endpoint(self) -> str:
@@ -137,6 +144,7 @@ class NodeProcess:
         shm = self.info.get("shm_path")
         if shm and os.path.exists(shm):
             os.unlink(shm)
+        self._remove_dir()
 
     def stop(self, timeout_s: float = 60.0) -> dict[str, Any]:
         """Graceful stop: the node shuts its manager down (as vLLM does) and exits."""
@@ -148,7 +156,13 @@ class NodeProcess:
             except (NodeError, subprocess.TimeoutExpired):
                 self.kill()
                 raise
+        self._remove_dir()
         return result
+
+    def _remove_dir(self) -> None:
+        """Remove the control socket's directory (and the log, unless it lives elsewhere)."""
+        if self.proc is not None and self.proc.poll() is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -428,6 +442,14 @@ class _Node:
         stats = self.tier._server.stats()
         return {"chunks": stats["chunks_served"], "bytes": stats["bytes_served"]}
 
+    def op_leases(self) -> dict[str, int]:
+        """This node's chunk server leases: live now, and how the others ended (cumulative)."""
+        stats = self.tier._server.stats()
+        return {
+            name: stats[f"leases_{name}"]
+            for name in ("live", "created", "released", "expired", "revoked")
+        }
+
     def op_shutdown(self) -> dict[str, Any]:
         """Shut vLLM's manager down (idempotent); the process then exits."""
         with self._shutdown_lock:
@@ -498,6 +520,11 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: node.stopped.set())
     _serve(node, args.control, authkey)
     node.op_shutdown()  # also after SIGTERM: vLLM's shutdown removes the /dev/shm file
+    # Everything that matters is released; skip the interpreter's finalization, which
+    # spends seconds tearing down gRPC's and torch's globals for nothing.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def _die_with_parent() -> None:
