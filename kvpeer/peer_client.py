@@ -111,12 +111,15 @@ class PullResult:
     matched and the digest of the bytes as written in its ``dest`` matched. The
     bytes of a ``dest`` whose flag is False are undefined (partly or wrongly
     written, or untouched). ``error`` is the first failure, readable, or None.
+    ``corrupt`` counts the rows that arrived whole but failed their digest check
+    (damaged in transit); they are not loaded.
     """
 
     loaded: list[bool]
     bytes_loaded: int = 0
     seconds: float = 0.0
     error: str | None = None
+    corrupt: int = 0
 
     @property
     def complete(self) -> bool:
@@ -450,7 +453,7 @@ class PeerClient:
                     )
                 call.read_into(dest)
                 if digest(dest) != row.digest:
-                    job.fail(
+                    job.corrupt(
                         f"row {row.index}: digest mismatch, the row was corrupted "
                         "in transit; not loaded"
                     )
@@ -539,6 +542,7 @@ class _PullJob:
         self._lock = threading.Lock()
         self._loaded = [False] * size
         self._bytes = 0
+        self._corrupt = 0
         self._error: str | None = None
         self._calls: list[_RowStream] = []
         self._cancelled = False
@@ -563,6 +567,12 @@ class _PullJob:
             if self._error is None:
                 self._error = message
 
+    def corrupt(self, message: str) -> None:
+        """A row failed its digest check: count it, and fail with ``message``."""
+        with self._lock:
+            self._corrupt += 1
+        self.fail(message)
+
     def cancel(self, reason: str) -> None:
         with self._lock:
             self._cancelled = True
@@ -581,7 +591,9 @@ class _PullJob:
     def result(self, seconds: float) -> PullResult:
         with self._lock:
             error = None if self._error is None else f"pull from {self.endpoint}: {self._error}"
-            return PullResult(list(self._loaded), self._bytes, seconds, error)
+            return PullResult(
+                list(self._loaded), self._bytes, seconds, error, corrupt=self._corrupt
+            )
 
 
 def channel_options(chunk_bytes: int) -> list[tuple[str, Any]]:

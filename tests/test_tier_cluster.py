@@ -18,27 +18,12 @@ import pytest
 
 from kvpeer.sim.relay import Faults, Relay
 from kvpeer.sim.rows import chunk_keys
-from tests.support.cluster import free_port, hexkeys, holders, wait_for
+from tests.support.cluster import free_port, hexkeys, holders, idle, published, wait_for
 
 pytestmark = pytest.mark.slow
 
 #: A node with 2 MiB rows (Llama-3-8B KV for 16 tokens) and room for 48 of them.
 BIG = {"shape": "llama3-8b", "cpu_bytes": 48 * (2 << 20)}
-
-
-def published(directory, node, keys) -> bool:
-    return all(
-        node.info["node_id"] in h for h in holders(directory, node.info["fingerprint"], keys)
-    )
-
-
-def idle(*nodes) -> bool:
-    """No pins, no vLLM jobs, no open row views on any node."""
-    for node in nodes:
-        state = node.call("tier_state")
-        if node.call("pinned") or state["jobs"] or state["open_row_views"]:
-            return False
-    return True
 
 
 @pytest.mark.parametrize("transport", ["h2", "grpc"])

@@ -169,7 +169,9 @@ class Puller:
         ok = [key for (key, _, _), hit in zip(items, result.loaded, strict=True) if hit]
         bad = [key for (key, _, _), hit in zip(items, result.loaded, strict=True) if not hit]
         if bad:
-            self._metrics.count(metrics.FAILURES, len(bad), "pull_failed")
+            # Rows damaged in transit get their own reason: they point at the network.
+            self._metrics.count(metrics.FAILURES, result.corrupt, "digest_mismatch")
+            self._metrics.count(metrics.FAILURES, len(bad) - result.corrupt, "pull_failed")
             log.warning(
                 "pulled %d of %d chunks from %s: %s",
                 len(ok),

@@ -14,6 +14,14 @@ The scheduler thread only queues keys (:class:`~kvpeer.tier.consumer_state.Consu
 A handoff consumer (PD decode) may ask before its producer has stored the chunks
 (decode-first): the producer then waits for them (``wait_ms``), or, without a
 ``source``, the resolver polls the directory until the request's patience runs out.
+
+A peer that does not answer (a host that accepts connections and then hangs)
+costs an RPC deadline, longer than a request's patience by default. So the static
+peers are probed in parallel, for at most half the request's remaining patience
+(the other half is left to pin the chunks at a peer that did answer); and a peer
+that failed to answer, or was too slow for that, is left out of lookups for a
+back-off (:class:`PeerBackoff`) instead of costing every request its deadline.
+A request's own ``source`` is always asked.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 from kvpeer.directory_client import DirectoryClient, Holder, Location, longest_run
 from kvpeer.errors import IncompatiblePeerError, KVPeerError, PeerUnavailableError
@@ -37,6 +45,42 @@ log = logging.getLogger(__name__)
 MAX_HOLDER_ATTEMPTS = 4
 #: Pause between directory polls while a handoff's producer has not published yet.
 HANDOFF_POLL_S = 0.05
+#: How long a peer that did not answer is left out of lookups; doubles while it
+#: keeps failing, up to PEER_BACKOFF_MAX_S, and ends at its first answer.
+PEER_BACKOFF_S = 1.0
+PEER_BACKOFF_MAX_S = 10.0
+
+
+class PeerBackoff:
+    """Peers that recently failed to answer, left out of lookups until a deadline.
+
+    Thread-safe (resolver and probe threads); one lock, held for dict updates only.
+    """
+
+    def __init__(self, initial_s: float = PEER_BACKOFF_S, max_s: float = PEER_BACKOFF_MAX_S):
+        self._initial_s = initial_s
+        self._max_s = max_s
+        self._lock = threading.Lock()
+        self._until: dict[str, float] = {}
+        self._delay: dict[str, float] = {}
+
+    def failed(self, endpoint: str) -> None:
+        """``endpoint`` did not answer: leave it out for the next (doubled) back-off."""
+        with self._lock:
+            delay = min(self._max_s, 2 * self._delay.get(endpoint, self._initial_s / 2))
+            self._delay[endpoint] = delay
+            self._until[endpoint] = time.monotonic() + delay
+
+    def answered(self, endpoint: str) -> None:
+        with self._lock:
+            self._until.pop(endpoint, None)
+            self._delay.pop(endpoint, None)
+
+    def excluded(self) -> set[str]:
+        """Endpoints to leave out now."""
+        now = time.monotonic()
+        with self._lock:
+            return {endpoint for endpoint, until in self._until.items() if until > now}
 
 
 class LookupResolver:
@@ -58,6 +102,11 @@ class LookupResolver:
         self._own_endpoint = own_endpoint
         self._metrics = tier_metrics
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="kvpeer-lookup")
+        # Probes of the static peers, each resolver thread's in parallel.
+        self._probes = ThreadPoolExecutor(
+            workers * max(1, len(self._peers)), thread_name_prefix="kvpeer-probe"
+        )
+        self._backoff = PeerBackoff()
         self._lock = threading.Lock()
         self._in_flight = 0
 
@@ -76,7 +125,13 @@ class LookupResolver:
         self._executor.submit(self._pool.get(lease.endpoint).release, lease.lease_id)
 
     def close(self) -> None:
+        """Stop the resolver threads; a probe still waiting on a peer is not waited for.
+
+        Such a probe ends at its RPC deadline, or at once when the tier closes its
+        peer clients (which it does right after).
+        """
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._probes.shutdown(wait=False, cancel_futures=True)
 
     # -- resolver threads -----------------------------------------------------
 
@@ -106,7 +161,8 @@ class LookupResolver:
             return pinned or 0
         done = 0
         attempts = 0
-        tried: dict[str, int] = {}  # endpoint -> first key index it failed to have
+        # endpoint -> first key index it failed to have (0: leave it out altogether)
+        tried: dict[str, int] = dict.fromkeys(self._backoff.excluded(), 0)
         location = self._candidates(state, keys)
         while done < len(keys) and attempts < MAX_HOLDER_ATTEMPTS and not state.expired:
             holder, run = longest_run(_tail(location, done, tried))
@@ -130,21 +186,44 @@ class LookupResolver:
                 self._metrics.count(metrics.DIRECTORY_ERRORS)
             if location.ok or not self._peers:
                 return location
-        return self._probe_peers(keys)
+        return self._probe_peers(state, keys)
 
-    def _probe_peers(self, keys: Sequence[bytes]) -> Location:
-        """Holders per key among the static peers (a Lookup without hold at each)."""
+    def _probe_peers(self, state: ConsumerState, keys: Sequence[bytes]) -> Location:
+        """Holders per key among the static peers (a Lookup without hold at each).
+
+        The peers are asked in parallel. One that has not answered within half the
+        request's remaining patience counts as holding nothing and is backed off
+        (its call goes on to its own deadline in the background).
+        """
+        excluded = self._backoff.excluded()
+        asked = {
+            endpoint: self._probes.submit(self._probe, endpoint, keys)
+            for endpoint in self._peers
+            if endpoint not in excluded
+        }
+        wait(asked.values(), timeout=state.remaining_s() / 2)
         holders: list[list[Holder]] = [[] for _ in keys]
-        for endpoint in self._peers:
-            try:
-                answer = self._pool.get(endpoint).lookup(keys, hold=False)
-            except KVPeerError as exc:
-                self._count_failure(exc)
+        for endpoint, future in asked.items():
+            if not future.done():
+                self._backoff.failed(endpoint)
                 continue
-            for per_key, hit in zip(holders, answer.hits, strict=True):
+            hits = future.result()
+            for per_key, hit in zip(holders, hits or (), strict=True):
                 if hit:
                     per_key.append(Holder(endpoint, endpoint, 0))
         return Location(holders, True, None)
+
+    def _probe(self, endpoint: str, keys: Sequence[bytes]) -> list[bool] | None:
+        """Which ``keys`` ``endpoint`` holds; None if it could not say (probe thread)."""
+        if endpoint in self._backoff.excluded():  # it failed while this probe queued
+            return None
+        try:
+            answer = self._pool.get(endpoint).lookup(keys, hold=False)
+        except KVPeerError as exc:
+            self._count_failure(endpoint, exc)
+            return None
+        self._backoff.answered(endpoint)
+        return answer.hits
 
     def _pin_run(
         self, state: ConsumerState, keys: list[bytes], start: int, end: int, endpoint: str
@@ -166,9 +245,10 @@ class LookupResolver:
                 wait_s=state.remaining_s() if params.is_consumer else 0.0,
             )
         except KVPeerError as exc:
-            self._count_failure(exc)
+            self._count_failure(endpoint, exc)
             log.warning("lookup at %s failed: %s", endpoint, exc)
             return 0
+        self._backoff.answered(endpoint)
         pinned = 0
         while pinned < len(run) and answer.hits[pinned]:
             pinned += 1
@@ -188,8 +268,9 @@ class LookupResolver:
             return 0 if state.expired else pinned
         return pinned
 
-    def _count_failure(self, exc: KVPeerError) -> None:
+    def _count_failure(self, endpoint: str, exc: KVPeerError) -> None:
         if isinstance(exc, PeerUnavailableError):
+            self._backoff.failed(endpoint)
             reason = "peer_unavailable"
         elif isinstance(exc, IncompatiblePeerError):
             reason = "incompatible_peer"

@@ -124,3 +124,19 @@ def holders(directory: DirectoryProcess, fingerprint: str, keys: list[bytes]) ->
         )
     nodes = [n.node_id for n in answer.nodes]
     return [{nodes[i] for i in per_key.nodes} for per_key in answer.holders]
+
+
+def published(directory: DirectoryProcess, node: NodeProcess, keys: list[bytes]) -> bool:
+    """The directory names ``node`` as a holder of every key."""
+    return all(
+        node.info["node_id"] in h for h in holders(directory, node.info["fingerprint"], keys)
+    )
+
+
+def idle(*nodes: NodeProcess) -> bool:
+    """No pinned primary rows, no vLLM jobs and no open row views on any of ``nodes``."""
+    for node in nodes:
+        state = node.call("tier_state")
+        if node.call("pinned") or state["jobs"] or state["open_row_views"]:
+            return False
+    return True
