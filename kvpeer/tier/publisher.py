@@ -36,10 +36,18 @@ _PRIMARY_ONLY = TierFilter(matchers=())
 
 
 class Publisher:
-    """Publishes through :attr:`directory` once the tier has joined one (None: drop)."""
+    """What this node has told (or will tell) the directory it holds.
+
+    Keys are recorded from the start; they reach the directory once the tier has
+    joined one (:meth:`attach`), which happens just after vLLM has set up its
+    prefix hash — stores before that are published then, not lost. A tier without
+    a directory, or whose hash seed cannot match other nodes, never attaches, and
+    :meth:`disable` drops the record.
+    """
 
     def __init__(self, *, reconcile_interval_s: float, batch_keys: int) -> None:
-        self.directory: DirectoryClient | None = None
+        self._directory: DirectoryClient | None = None
+        self._enabled = True
         self._interval_s = reconcile_interval_s
         self._batch = batch_keys
         self._lock = threading.Lock()
@@ -48,8 +56,23 @@ class Publisher:
         self._next_check = time.monotonic() + reconcile_interval_s
         self._ids = itertools.count()
 
+    def attach(self, directory: DirectoryClient) -> None:
+        """Publish through ``directory`` from now on, starting with every key recorded so far."""
+        with self._lock:
+            self._directory = directory
+            backlog = list(self._published)
+        if backlog:
+            directory.publish(backlog)
+
+    def disable(self) -> None:
+        """Never publish (no directory, or a hash seed no other node can match)."""
+        with self._lock:
+            self._enabled = False
+            self._published.clear()
+            self._rotation.clear()
+
     def publish(self, keys: Iterable[bytes]) -> None:
-        if self.directory is None:
+        if not self._enabled:
             return
         fresh = []
         with self._lock:
@@ -58,23 +81,23 @@ class Publisher:
                     self._published[key] = None
                     self._rotation.append(key)
                     fresh.append(key)
-        if fresh:
-            self.directory.publish(fresh)
+            directory = self._directory
+        if fresh and directory is not None:
+            directory.publish(fresh)
 
     def withdraw_missing(self, keys: Iterable[bytes]) -> None:
         """``keys`` are not in the primary tier: withdraw those that were published."""
-        if self.directory is None:
-            return
         with self._lock:
             gone = [k for k in keys if k in self._published]
             for key in gone:
                 del self._published[key]
-        if gone:
-            self.directory.withdraw(gone)
+            directory = self._directory
+        if gone and directory is not None:
+            directory.withdraw(gone)
 
     def reconcile(self, parent: ParentManager) -> None:
         """Check one batch of published keys against the primary tier, if one is due."""
-        if self.directory is None or not self._interval_s or time.monotonic() < self._next_check:
+        if self._directory is None or not self._interval_s or time.monotonic() < self._next_check:
             return
         self._next_check = time.monotonic() + self._interval_s
         with self._lock:

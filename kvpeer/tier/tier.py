@@ -237,6 +237,8 @@ class PeerSecondaryTier(SecondaryTierManager):
         if self._identity.warning:
             log.warning("%s", self._identity.warning)
         log.info("kvpeer tier %s fingerprint %s", self.node_id, self.fingerprint.digest)
+        if not self._identity.shareable or self.config.directory is None:
+            self._publisher.disable()
         if self.config.directory is None or self._stopping.is_set():
             return
         directory = DirectoryClient(
@@ -254,7 +256,7 @@ class PeerSecondaryTier(SecondaryTierManager):
         self._directory = directory
         self._resolver.directory = directory
         if self._identity.shareable:
-            self._publisher.directory = directory
+            self._publisher.attach(directory)
 
     # -- per request ----------------------------------------------------------
 
@@ -408,3 +410,4 @@ def _offset(endpoint, dp_index: int):
         if not endpoint.port or not dp_index
         else endpoint.with_port(endpoint.port + dp_index)
     )
+
