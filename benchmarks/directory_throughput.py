@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_redis:
             stores.append(("redis", args.redis or _start_redis(stack)))
         for name, spec in stores:
-            with DirectoryProcess(["--store", spec, "--lease-ttl", "600"], metrics=True) as directory:
+            with DirectoryProcess(
+                ["--store", spec, "--lease-ttl", "600"], metrics=True
+            ) as directory:
                 results.append(
                     measure_store(
                         directory,

@@ -1,16 +1,20 @@
 """Pull throughput: kvpeer's chunk stream against raw TCP, between two processes on loopback.
 
     python benchmarks/pull_throughput.py --total-mib 256 --chunk-mib 2 --streams 1 4 \
-        --transport h2 grpc --repeat 5
+        --path h2 h2-main grpc --repeat 5
 
 Every path moves the same synthetic rows (``--total-mib`` in ``--chunk-mib`` rows)
 from a server process into a preallocated buffer of this process: raw TCP with
 ``recv_into``, and kvpeer with lookup + pull (digests verified) + release, once
-per pull transport (``h2``: kvpeer.h2pull, rows received in place; ``grpc``:
-grpcio's stream) and stream count. Both transports pull from the same peer server
-process. Repetitions are interleaved so that machine noise hits every path alike;
-the medians, their ratio to raw TCP and the median of each repetition's ratio
-("paired") are printed, and written as JSON with ``--json``.
+per pull path and stream count. The paths (:data:`kvpeer.bench.pull.PULL_PATHS`):
+``h2``, kvpeer.h2pull from the server's pull port (rows sent with one ``sendmsg``
+each, received in place: no user-space copy on either side); ``h2-main``, the same
+client on the grpcio port (the server copies each row twice); ``grpc``, grpcio on
+both ends. All kvpeer paths pull from the same peer server process. Repetitions
+are interleaved so that machine noise hits every path alike; the medians, their
+ratio to raw TCP, the median of each repetition's ratio ("paired"), and the CPU
+seconds per GB moved of the sending process ("server") and of this process
+("client", all threads) are printed, and written as JSON with ``--json``.
 """
 
 from __future__ import annotations
@@ -19,13 +23,15 @@ import argparse
 import json
 import statistics
 import sys
+import time
 
 import numpy as np
 
-from kvpeer.bench.pull import PeerNodeProcess, bench_fingerprint, timed_pull
+from kvpeer.bench.process import cpu_seconds
+from kvpeer.bench.pull import PULL_PATHS, PeerNodeProcess, bench_fingerprint, timed_pull
 from kvpeer.bench.rawtcp import RawTcpSender, receive
 from kvpeer.bench.rows import synthetic_keys, synthetic_rows
-from kvpeer.peer_client import PULL_TRANSPORTS, PeerClient
+from kvpeer.peer_client import PeerClient
 
 SEED = 7
 
@@ -36,14 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-mib", type=float, default=2.0, help="size of one row")
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4], help="pull streams")
     parser.add_argument(
-        "--transport",
+        "--path",
         nargs="+",
-        choices=PULL_TRANSPORTS,
-        default=list(PULL_TRANSPORTS),
-        help="pull transports to measure",
+        choices=list(PULL_PATHS),
+        default=list(PULL_PATHS),
+        help="pull paths to measure",
     )
     parser.add_argument(
-        "--channels", type=int, default=1, help="gRPC connections per client (grpc transport)"
+        "--channels", type=int, default=1, help="gRPC connections per client (grpc path)"
     )
     parser.add_argument("--repeat", type=int, default=5, help="interleaved repetitions")
     parser.add_argument("--json", metavar="FILE", help="also write the results here")
@@ -55,9 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     expected = synthetic_rows(num_chunks, chunk_bytes, SEED)
     keys = synthetic_keys(num_chunks, SEED)
     dest = np.empty_like(expected)
-    paths = [(t, s) for t in args.transport for s in args.streams]
-    samples: dict[str, list[float]] = {"raw_tcp": []}
-    samples.update({_name(t, s): [] for t, s in paths})
+    runs = [(p, s) for p in args.path for s in args.streams]
+    names = ["raw_tcp", *(_name(p, s) for p, s in runs)]
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    server_cpu: dict[str, list[float]] = {name: [] for name in names}
+    client_cpu: dict[str, list[float]] = {name: [] for name in names}
 
     print(
         f"moving {total / 2**20:.0f} MiB in {num_chunks} rows of {chunk_bytes} bytes, "
@@ -68,28 +76,40 @@ def main(argv: list[str] | None = None) -> int:
         PeerNodeProcess(num_chunks, chunk_bytes, SEED) as node,
     ):
         clients = {
-            transport: PeerClient(
+            path: PeerClient(
                 node.endpoint,
-                node_id=f"bench-client-{transport}",
+                node_id=f"bench-client-{path}",
                 fingerprint=bench_fingerprint(chunk_bytes),
                 chunk_bytes=chunk_bytes,
                 channels=args.channels,
-                pull_transport=transport,
+                **PULL_PATHS[path],
             )
-            for transport in args.transport
+            for path in args.path
         }
         for client in clients.values():
             client.handshake()
-        for repetition in range(args.repeat):
+
+        def measure(name: str, server_pid: int, transfer) -> None:
             dest.fill(0)
-            seconds = receive(sender.port, memoryview(dest))
-            _check(dest, expected, "raw TCP")
-            samples["raw_tcp"].append(total / seconds / 1e9)
-            for transport, streams in paths:
-                dest.fill(0)
-                seconds = timed_pull(clients[transport], keys, dest, streams=streams)
-                _check(dest, expected, f"kvpeer {transport}")
-                samples[_name(transport, streams)].append(total / seconds / 1e9)
+            server_before, client_before = cpu_seconds(server_pid), time.process_time()
+            seconds = transfer()
+            server_after, client_after = cpu_seconds(server_pid), time.process_time()
+            if not np.array_equal(dest, expected):
+                raise SystemExit(f"{name} delivered wrong bytes")
+            samples[name].append(total / seconds / 1e9)
+            server_cpu[name].append((server_after - server_before) / (total / 1e9))
+            client_cpu[name].append((client_after - client_before) / (total / 1e9))
+
+        for repetition in range(args.repeat):
+            measure("raw_tcp", sender.pid, lambda: receive(sender.port, memoryview(dest)))
+            for path, streams in runs:
+                measure(
+                    _name(path, streams),
+                    node.pid,
+                    lambda path=path, streams=streams: timed_pull(
+                        clients[path], keys, dest, streams=streams
+                    ),
+                )
             print(
                 f"  repetition {repetition + 1}: "
                 + ", ".join(f"{name} {values[-1]:.2f}" for name, values in samples.items())
@@ -104,9 +124,19 @@ def main(argv: list[str] | None = None) -> int:
         name: statistics.median(v / raw for v, raw in zip(values, samples["raw_tcp"], strict=True))
         for name, values in samples.items()
     }
-    print(f"{'path':<24} {'median GB/s':>12} {'vs raw TCP':>11} {'paired':>7}")
+    cpu = {
+        name: (statistics.median(server_cpu[name]), statistics.median(client_cpu[name]))
+        for name in names
+    }
+    print(
+        f"{'path':<24} {'median GB/s':>12} {'vs raw TCP':>11} {'paired':>7}"
+        f" {'server CPU-s/GB':>16} {'client CPU-s/GB':>16}"
+    )
     for name, value in medians.items():
-        print(f"{name:<24} {value:>12.2f} {value / baseline:>10.0%} {paired[name]:>7.0%}")
+        print(
+            f"{name:<24} {value:>12.2f} {value / baseline:>10.0%} {paired[name]:>7.0%}"
+            f" {cpu[name][0]:>16.2f} {cpu[name][1]:>16.2f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
@@ -118,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                     "median_gbps": medians,
                     "ratio_to_raw_tcp": {k: v / baseline for k, v in medians.items()},
                     "median_paired_ratio_to_raw_tcp": paired,
+                    "server_cpu_s_per_gb": server_cpu,
+                    "client_cpu_s_per_gb": client_cpu,
                 },
                 f,
                 indent=2,
@@ -125,13 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _name(transport: str, streams: int) -> str:
-    return f"kvpeer_{transport}_{streams}_streams"
-
-
-def _check(dest: np.ndarray, expected: np.ndarray, what: str) -> None:
-    if not np.array_equal(dest, expected):
-        raise SystemExit(f"{what} delivered wrong bytes")
+def _name(path: str, streams: int) -> str:
+    return f"kvpeer_{path}_{streams}_streams"
 
 
 if __name__ == "__main__":

@@ -35,6 +35,10 @@ class TierConfig:
     peers: tuple[Endpoint, ...] = ()
     #: Where this node's chunk server binds. Port 0 picks a free port (tests).
     listen: Endpoint = Endpoint("0.0.0.0", DEFAULT_PEER_PORT)  # noqa: RUF009 - immutable
+    #: Port of the fast Pull listener on ``listen``'s host (Pull only, rows sent
+    #: without copies; peers learn it in the handshake): 0 picks a free one, a
+    #: number fixes it (to publish it), None (``"off"``) serves Pull on ``listen`` only.
+    pull_port: int | None = 0
     #: The address peers dial; required when ``listen`` binds every interface.
     advertise: Endpoint | None = None
     #: Stable name of this node in the directory; defaults to the advertised address.
@@ -108,6 +112,8 @@ class TierConfig:
             )
         if self.advertise is not None and self.advertise.is_wildcard:
             raise ConfigError("advertise", f"{self.advertise} is not an address peers can dial")
+        if self.pull_port and self.pull_port == self.listen.port:
+            raise ConfigError("pull_port", f"must differ from listen's port {self.listen.port}")
         if self.publish_batch_keys > self.max_lookup_keys:
             raise ConfigError("publish_batch_keys", "must not exceed max_lookup_keys")
 
@@ -139,6 +145,14 @@ def _endpoint(raw: Any, key: str) -> Endpoint:
 
 def _optional_endpoint(raw: Any, key: str) -> Endpoint | None:
     return None if raw is None else _endpoint(raw, key)
+
+
+def _pull_port(raw: Any, key: str) -> int | None:
+    if raw == "off":
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw <= 65535:
+        raise ConfigError(key, f"expected a port (0: any free port) or 'off', got {raw!r}")
+    return raw
 
 
 def _peers(raw: Any, key: str) -> tuple[Endpoint, ...]:
@@ -200,6 +214,7 @@ _PARSERS = {
     "directory": _optional_endpoint,
     "peers": _peers,
     "listen": _endpoint,
+    "pull_port": _pull_port,
     "advertise": _optional_endpoint,
     "node_id": _node_id,
     "tls": None,

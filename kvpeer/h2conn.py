@@ -37,53 +37,26 @@ import contextlib
 import select
 import socket
 import ssl
-import struct
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import grpc
 import hpack
 
+from kvpeer import h2frames as h2
 from kvpeer.endpoint import Endpoint
 from kvpeer.errors import KVPeerError, WireError
 
 _T = TypeVar("_T")
 
-_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-
-# Frame types, flags, settings and error codes (RFC 9113 sections 6, 7, 11).
-_DATA, _HEADERS, _RST_STREAM, _SETTINGS = 0, 1, 3, 4
-_PUSH_PROMISE, _PING, _GOAWAY, _WINDOW_UPDATE, _CONTINUATION = 5, 6, 7, 8, 9
-_END_STREAM = _ACK = 0x1
-_END_HEADERS = 0x4
-_PADDED = 0x8
-_PRIORITY_FLAG = 0x20
-_ENABLE_PUSH, _INITIAL_WINDOW_SIZE, _MAX_FRAME_SIZE, _MAX_HEADER_LIST_SIZE = 2, 4, 5, 6
-_ERROR_NAMES = [
-    "NO_ERROR",
-    "PROTOCOL_ERROR",
-    "INTERNAL_ERROR",
-    "FLOW_CONTROL_ERROR",
-    "SETTINGS_TIMEOUT",
-    "STREAM_CLOSED",
-    "FRAME_SIZE_ERROR",
-    "REFUSED_STREAM",
-    "CANCEL",
-    "COMPRESSION_ERROR",
-    "CONNECT_ERROR",
-    "ENHANCE_YOUR_CALM",
-    "INADEQUATE_SECURITY",
-    "HTTP_1_1_REQUIRED",
-]
 #: How grpc maps an RST_STREAM error code to a status (others are INTERNAL).
 _RESET_STATUS = {
-    7: "UNAVAILABLE",
-    8: "CANCELLED",
-    11: "RESOURCE_EXHAUSTED",
-    12: "PERMISSION_DENIED",
+    h2.REFUSED_STREAM: "UNAVAILABLE",
+    h2.CANCEL: "CANCELLED",
+    h2.ENHANCE_YOUR_CALM: "RESOURCE_EXHAUSTED",
+    12: "PERMISSION_DENIED",  # INADEQUATE_SECURITY
 }
 #: How grpc maps a response's HTTP status to a status when it has no grpc-status.
 _HTTP_STATUS = {
@@ -98,11 +71,6 @@ _HTTP_STATUS = {
 }
 _STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
-_UINT32 = struct.Struct(">I")
-_DEFAULT_WINDOW = 65_535
-_DEFAULT_MAX_FRAME = 16_384
-_MAX_WINDOW = (1 << 31) - 1
-_LAST_STREAM_ID = (1 << 31) - 1
 #: Our receive window, per stream and for the connection. Bytes go straight to
 #: their destination, so the window only bounds what is in flight.
 WINDOW = 64 << 20
@@ -110,12 +78,10 @@ WINDOW = 64 << 20
 #: so the server always has three quarters of a window open.
 WINDOW_REFILL = 16 << 20
 #: Largest DATA frame we accept (the largest HTTP/2 allows).
-MAX_DATA_FRAME = (1 << 24) - 1
+MAX_DATA_FRAME = h2.MAX_FRAME
 #: Largest frame of any other type, and largest header block (HEADERS + CONTINUATION).
 MAX_CONTROL_FRAME = 1 << 16
 MAX_HEADER_BLOCK = 1 << 16
-#: grpc-timeout carries at most 8 digits.
-_MAX_TIMEOUT_DIGITS = 99_999_999
 
 
 class CallError(KVPeerError):
@@ -128,6 +94,10 @@ class CallError(KVPeerError):
         super().__init__(f"{code}: {details}")
         self.code = code
         self.details = details
+
+
+class ConnectFailed(CallError):
+    """UNAVAILABLE before any byte was sent: no TCP connection (refused, unreachable)."""
 
 
 class H2Connection:
@@ -159,9 +129,9 @@ class H2Connection:
         self._next_stream = 1
         self._settings_seen = False
         self._conn_unreturned = 0
-        self._send_window = _DEFAULT_WINDOW
-        self._peer_initial_window = _DEFAULT_WINDOW
-        self._peer_max_frame = _DEFAULT_MAX_FRAME
+        self._send_window = h2.DEFAULT_WINDOW
+        self._peer_initial_window = h2.DEFAULT_WINDOW
+        self._peer_max_frame = h2.DEFAULT_MAX_FRAME
         self.idle_since = time.monotonic()
         self._reset_stream(0)
 
@@ -182,7 +152,8 @@ class H2Connection:
         handshake, so that the caller can :meth:`cancel` it from then on.
 
         Raises:
-            CallError: UNAVAILABLE (cannot connect, TLS failed), DEADLINE_EXCEEDED.
+            ConnectFailed: no TCP connection.
+            CallError: UNAVAILABLE (TLS failed), DEADLINE_EXCEEDED.
         """
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -192,7 +163,7 @@ class H2Connection:
         except TimeoutError:
             raise CallError("DEADLINE_EXCEEDED", f"connecting to {endpoint} timed out") from None
         except OSError as exc:
-            raise CallError(
+            raise ConnectFailed(
                 "UNAVAILABLE", f"cannot connect to {endpoint}: {_reason(exc)}"
             ) from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -208,24 +179,23 @@ class H2Connection:
                 conn._io(sock.do_handshake)
                 if sock.selected_alpn_protocol() != "h2":
                     raise CallError("UNAVAILABLE", f"{endpoint} did not agree to HTTP/2 over TLS")
-            conn._send(_PREFACE + conn._settings_frame())
+            conn._send(h2.PREFACE + conn._settings_frame())
         except BaseException:
             conn.close()
             raise
         return conn
 
     def _settings_frame(self) -> bytes:
-        settings = b"".join(
-            struct.pack(">HI", key, value)
-            for key, value in (
-                (_ENABLE_PUSH, 0),
-                (_INITIAL_WINDOW_SIZE, WINDOW),
-                (_MAX_FRAME_SIZE, MAX_DATA_FRAME),
-                (_MAX_HEADER_LIST_SIZE, MAX_HEADER_BLOCK),
-            )
+        settings = h2.settings_payload(
+            {
+                h2.ENABLE_PUSH: 0,
+                h2.INITIAL_WINDOW_SIZE: WINDOW,
+                h2.MAX_FRAME_SIZE: MAX_DATA_FRAME,
+                h2.MAX_HEADER_LIST_SIZE: MAX_HEADER_BLOCK,
+            }
         )
-        return _frame(_SETTINGS, 0, 0, settings) + _frame(
-            _WINDOW_UPDATE, 0, 0, _UINT32.pack(WINDOW - _DEFAULT_WINDOW)
+        return h2.frame(h2.SETTINGS, 0, 0, settings) + h2.frame(
+            h2.WINDOW_UPDATE, 0, 0, h2.UINT32.pack(WINDOW - h2.DEFAULT_WINDOW)
         )
 
     # -- state -----------------------------------------------------------------
@@ -238,7 +208,7 @@ class H2Connection:
             and self._frame_left == 0
             and self._pad_left == 0
             and not (self._broken or self._goaway or self._cancelled)
-            and self._next_stream < _LAST_STREAM_ID
+            and self._next_stream < h2.LAST_STREAM_ID
             and self._sock is not None
         )
 
@@ -274,15 +244,15 @@ class H2Connection:
         self._deadline = deadline
         self._reset_stream(stream)
         self._body = memoryview(b"\0" + len(message).to_bytes(4, "big") + message)
-        fields = [*headers, ("grpc-timeout", _grpc_timeout(self._remaining()))]
+        fields = [*headers, ("grpc-timeout", h2.encode_grpc_timeout(self._remaining()))]
         block = memoryview(self._encoder.encode(fields))
         pieces = [
-            block[i : i + _DEFAULT_MAX_FRAME] for i in range(0, len(block), _DEFAULT_MAX_FRAME)
+            block[i : i + h2.DEFAULT_MAX_FRAME] for i in range(0, len(block), h2.DEFAULT_MAX_FRAME)
         ]
         frames = []
         for n, piece in enumerate(pieces):
-            flags = _END_HEADERS if n == len(pieces) - 1 else 0
-            frames.append(_frame(_HEADERS if n == 0 else _CONTINUATION, flags, stream, piece))
+            flags = h2.END_HEADERS if n == len(pieces) - 1 else 0
+            frames.append(h2.frame(h2.HEADERS if n == 0 else h2.CONTINUATION, flags, stream, piece))
         self._send(b"".join(frames))
         self._send_body()
 
@@ -371,35 +341,35 @@ class H2Connection:
         self._recv_exact(memoryview(header))
         length = int.from_bytes(header[0:3], "big")
         kind, flags = header[3], header[4]
-        stream = int.from_bytes(header[5:9], "big") & _LAST_STREAM_ID
-        if not self._settings_seen and (kind != _SETTINGS or flags & _ACK):
+        stream = int.from_bytes(header[5:9], "big") & h2.LAST_STREAM_ID
+        if not self._settings_seen and (kind != h2.SETTINGS or flags & h2.ACK):
             raise WireError(
                 f"{self.endpoint} did not start with HTTP/2 SETTINGS "
                 f"(first bytes {bytes(header).hex()}): is it a kvpeer node?"
             )
-        if kind == _DATA:
+        if kind == h2.DATA:
             self._on_data(length, flags, stream)
             return
         if length > MAX_CONTROL_FRAME:
             raise WireError(f"a frame of type {kind} has {length} bytes, over {MAX_CONTROL_FRAME}")
         payload = memoryview(self._frame_buf)[:length]
         self._recv_exact(payload)
-        if kind == _SETTINGS:
+        if kind == h2.SETTINGS:
             self._on_settings(payload, flags, stream)
-        elif kind == _PING:
+        elif kind == h2.PING:
             if length != 8 or stream != 0:
                 raise WireError("malformed PING frame")
-            if not flags & _ACK:
-                self._send_control(_frame(_PING, _ACK, 0, payload))
-        elif kind == _WINDOW_UPDATE:
+            if not flags & h2.ACK:
+                self._send_control(h2.frame(h2.PING, h2.ACK, 0, payload))
+        elif kind == h2.WINDOW_UPDATE:
             self._on_window_update(payload, stream)
-        elif kind == _HEADERS:
+        elif kind == h2.HEADERS:
             self._on_headers(payload, flags, stream)
-        elif kind == _RST_STREAM:
+        elif kind == h2.RST_STREAM:
             self._on_reset(payload, stream)
-        elif kind == _GOAWAY:
+        elif kind == h2.GOAWAY:
             self._on_goaway(payload)
-        elif kind in (_PUSH_PROMISE, _CONTINUATION):
+        elif kind in (h2.PUSH_PROMISE, h2.CONTINUATION):
             raise WireError(f"unexpected frame of type {kind}")
         # PRIORITY and unknown frame types are ignored, as RFC 9113 asks.
 
@@ -412,7 +382,7 @@ class H2Connection:
             raise WireError(f"DATA frame of {length} bytes exceeds {MAX_DATA_FRAME}")
         self._give_back(length)
         padding = 0
-        if flags & _PADDED:
+        if flags & h2.PADDED:
             if length < 1:
                 raise WireError("padded DATA frame without a pad length")
             self._recv_exact(memoryview(self._frame_buf)[:1])
@@ -422,7 +392,7 @@ class H2Connection:
                 raise WireError("DATA frame padding exceeds the frame")
         self._frame_left = length - padding
         self._pad_left = padding
-        self._end_after_frame = bool(flags & _END_STREAM)
+        self._end_after_frame = bool(flags & h2.END_STREAM)
 
     def _give_back(self, length: int) -> None:
         """Count received DATA bytes; return them in WINDOW_UPDATEs once enough arrived."""
@@ -431,39 +401,38 @@ class H2Connection:
         frames = []
         if self._stream_unreturned >= WINDOW_REFILL:
             frames.append(
-                _frame(_WINDOW_UPDATE, 0, self._stream, _UINT32.pack(self._stream_unreturned))
+                h2.frame(h2.WINDOW_UPDATE, 0, self._stream, h2.UINT32.pack(self._stream_unreturned))
             )
             self._stream_unreturned = 0
         if self._conn_unreturned >= WINDOW_REFILL:
-            frames.append(_frame(_WINDOW_UPDATE, 0, 0, _UINT32.pack(self._conn_unreturned)))
+            frames.append(h2.frame(h2.WINDOW_UPDATE, 0, 0, h2.UINT32.pack(self._conn_unreturned)))
             self._conn_unreturned = 0
         if frames:
             self._send_control(b"".join(frames))
 
     def _on_settings(self, payload: memoryview, flags: int, stream: int) -> None:
-        if stream != 0 or len(payload) % 6 or (flags & _ACK and payload):
+        if stream != 0 or len(payload) % 6 or (flags & h2.ACK and payload):
             raise WireError("malformed SETTINGS frame")
-        if flags & _ACK:
+        if flags & h2.ACK:
             return
         self._settings_seen = True
-        for offset in range(0, len(payload), 6):
-            key, value = struct.unpack_from(">HI", payload, offset)
-            if key == _INITIAL_WINDOW_SIZE:
-                if value > _MAX_WINDOW:
-                    raise WireError(f"SETTINGS_INITIAL_WINDOW_SIZE {value} exceeds {_MAX_WINDOW}")
+        for key, value in h2.iter_settings(payload):
+            if key == h2.INITIAL_WINDOW_SIZE:
+                if value > h2.MAX_WINDOW:
+                    raise WireError(f"SETTINGS_INITIAL_WINDOW_SIZE {value} exceeds {h2.MAX_WINDOW}")
                 self._send_stream_window += value - self._peer_initial_window
                 self._peer_initial_window = value
-            elif key == _MAX_FRAME_SIZE:
-                if not _DEFAULT_MAX_FRAME <= value <= MAX_DATA_FRAME:
+            elif key == h2.MAX_FRAME_SIZE:
+                if not h2.DEFAULT_MAX_FRAME <= value <= MAX_DATA_FRAME:
                     raise WireError(f"SETTINGS_MAX_FRAME_SIZE {value} is out of range")
                 self._peer_max_frame = value
-        self._send_control(_frame(_SETTINGS, _ACK, 0, b""))
+        self._send_control(h2.frame(h2.SETTINGS, h2.ACK, 0, b""))
         self._send_body()
 
     def _on_window_update(self, payload: memoryview, stream: int) -> None:
         if len(payload) != 4:
             raise WireError("malformed WINDOW_UPDATE frame")
-        increment = int.from_bytes(payload, "big") & _MAX_WINDOW
+        increment = int.from_bytes(payload, "big") & h2.MAX_WINDOW
         if stream == 0:
             self._send_window += increment
         elif stream == self._stream:
@@ -474,21 +443,21 @@ class H2Connection:
         if stream != self._stream or self._stream_ended:
             raise WireError(f"HEADERS frame on stream {stream}, which is not open")
         start, end = 0, len(payload)
-        if flags & _PADDED:
+        if flags & h2.PADDED:
             if not payload:
                 raise WireError("padded HEADERS frame without a pad length")
             start, end = 1, end - payload[0]
-        if flags & _PRIORITY_FLAG:
+        if flags & h2.PRIORITY_FLAG:
             start += 5
         if start > end:
             raise WireError("HEADERS frame padding exceeds the frame")
         block = bytearray(payload[start:end])
-        while not flags & _END_HEADERS:
+        while not flags & h2.END_HEADERS:
             self._recv_exact(memoryview(self._frame_header))
             length = int.from_bytes(self._frame_header[0:3], "big")
             kind, flags = self._frame_header[3], self._frame_header[4]
-            continued = int.from_bytes(self._frame_header[5:9], "big") & _LAST_STREAM_ID
-            if kind != _CONTINUATION or continued != stream:
+            continued = int.from_bytes(self._frame_header[5:9], "big") & h2.LAST_STREAM_ID
+            if kind != h2.CONTINUATION or continued != stream:
                 raise WireError("a header block was interrupted by another frame")
             if len(block) + length > MAX_HEADER_BLOCK:
                 raise WireError(f"a header block exceeds {MAX_HEADER_BLOCK} bytes")
@@ -501,7 +470,7 @@ class H2Connection:
             fields = dict(self._decoder.decode(bytes(block)))
         except hpack.HPACKError as exc:
             raise WireError(f"undecodable response headers: {exc}") from None
-        ends = bool(flags & _END_STREAM)
+        ends = bool(flags & h2.END_STREAM)
         if not self._response_started:
             self._response_started = True
             self._check_response(fields, trailers_only=ends)
@@ -528,7 +497,7 @@ class H2Connection:
         if stream != self._stream or self._stream_ended:
             return  # a late reset of a finished stream
         code = int.from_bytes(payload, "big")
-        name = _ERROR_NAMES[code] if code < len(_ERROR_NAMES) else f"error {code}"
+        name = h2.error_name(code)
         self._broken = True
         raise CallError(
             _RESET_STATUS.get(code, "INTERNAL"), f"{self.endpoint} reset the stream ({name})"
@@ -538,10 +507,10 @@ class H2Connection:
         if len(payload) < 8:
             raise WireError("malformed GOAWAY frame")
         self._goaway = True
-        last_stream = int.from_bytes(payload[0:4], "big") & _LAST_STREAM_ID
+        last_stream = int.from_bytes(payload[0:4], "big") & h2.LAST_STREAM_ID
         if last_stream < self._stream:  # else the server finishes our stream first
             code = int.from_bytes(payload[4:8], "big")
-            name = _ERROR_NAMES[code] if code < len(_ERROR_NAMES) else f"error {code}"
+            name = h2.error_name(code)
             raise CallError("UNAVAILABLE", f"{self.endpoint} is going away ({name})")
 
     # -- sending -------------------------------------------------------------------
@@ -558,8 +527,8 @@ class H2Connection:
             piece, self._body = self._body[:size], self._body[size:]
             self._send_window -= size
             self._send_stream_window -= size
-            flags = 0 if self._body else _END_STREAM
-            frames.append(_frame(_DATA, flags, self._stream, piece))
+            flags = 0 if self._body else h2.END_STREAM
+            frames.append(h2.frame(h2.DATA, flags, self._stream, piece))
         if frames:
             self._send_control(b"".join(frames))
 
@@ -625,23 +594,9 @@ class H2Connection:
         return CallError("UNAVAILABLE", reason)
 
 
-def _frame(kind: int, flags: int, stream: int, payload: bytes | memoryview) -> bytes:
-    """One frame: 24-bit length, type, flags, 31-bit stream id, payload."""
-    return b"".join(
-        (_UINT32.pack(len(payload))[1:], bytes((kind, flags)), _UINT32.pack(stream), payload)
-    )
-
-
-def _grpc_timeout(seconds: float) -> str:
-    millis = max(1, round(seconds * 1000))
-    if millis <= _MAX_TIMEOUT_DIGITS:
-        return f"{millis}m"
-    return f"{min(_MAX_TIMEOUT_DIGITS, round(seconds))}S"
-
-
 def _grpc_status(fields: dict[str, str]) -> tuple[str, str]:
     """(status name, message) from trailers; a missing or bad grpc-status is UNKNOWN."""
-    message = urllib.parse.unquote(fields.get("grpc-message", ""))
+    message = h2.decode_grpc_message(fields.get("grpc-message", ""))
     raw = fields.get("grpc-status")
     if raw is None:
         return "UNKNOWN", f"no grpc-status in the trailers {message}".strip()

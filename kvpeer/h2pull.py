@@ -2,11 +2,20 @@
 
 grpcio's Python receive path copies every message twice under the GIL (slices,
 then pieces, then one joined ``bytes``), which held a pull to about a third of
-what a socket carries between two processes here. The server stays an ordinary
-grpcio server (TLS, token, health, reflection unchanged; grpcurl still decodes
-the stream). This client runs the Pull call over :mod:`kvpeer.h2conn`, a minimal
-HTTP/2 connection, and reads each ``Chunk``'s ``data`` with ``recv_into``
-straight into the caller's row: the kernel copies every byte once, Python never.
+what a socket carries between two processes here. This client runs the Pull call
+over :mod:`kvpeer.h2conn`, a minimal HTTP/2 connection, and reads each
+``Chunk``'s ``data`` with ``recv_into`` straight into the caller's row: the
+kernel copies every byte once, Python never.
+
+Where it dials: a peer server also serves Pull alone on a second port with
+zero-copy sends (:mod:`kvpeer.server.pull_server`) and advertises it in the
+handshake (``pull_port``). :meth:`H2PullTransport.use_pull_port` adopts it when
+the client reached the peer on the peer's own port; a client that dialled
+another port goes through a relay or a port mapping that would not carry the
+pull port, so it keeps pulling on the port it dialled (the grpcio server serves
+Pull there too). If the pull port refuses the connection, the call runs on the
+main port and the transport forgets the pull port (and tells its owner, who may
+handshake again to learn a new one).
 
 A call takes an idle connection to the peer, or opens one (TLS with ALPN ``h2``,
 the CA, a client certificate for mutual TLS, ``server_name`` to verify instead of
@@ -27,22 +36,23 @@ does it for both transports).
 
 from __future__ import annotations
 
-import ssl
-import tempfile
+import logging
 import threading
 import time
-from pathlib import Path
+from collections.abc import Callable
 
 import hpack
 
 from kvpeer import __version__
+from kvpeer import h2frames as h2
 from kvpeer.endpoint import Endpoint
 from kvpeer.errors import WireError
-from kvpeer.h2conn import CallError, H2Connection
-from kvpeer.security import TOKEN_HEADER, Security, TLSFiles
+from kvpeer.h2conn import CallError, ConnectFailed, H2Connection
+from kvpeer.security import TOKEN_HEADER, Security
 from kvpeer.wire import MAX_HEADER_BYTES, ChunkHeader, decode_chunk_header
 
-PULL_PATH = "/kvpeer.v1.KVPeer/Pull"
+log = logging.getLogger(__name__)
+
 #: How long an idle connection is kept for the next call. Short: the server pings
 #: idle connections (that ends their reuse) and a middlebox may drop them silently.
 IDLE_REUSE_S = 5.0
@@ -59,22 +69,31 @@ class H2PullTransport:
     calls in progress, closes the idle connections and refuses later calls.
 
     Args:
-        endpoint: the peer's address.
+        endpoint: the peer's address (its main port).
         security: TLS and the token, as for the peer's gRPC channel.
         chunk_bytes: the row size; a message must hold exactly one row.
+        on_pull_port_lost: called (on a pull thread) when the adopted pull port
+            refused a connection and was forgotten.
     """
 
-    def __init__(self, endpoint: Endpoint, *, security: Security, chunk_bytes: int) -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        *,
+        security: Security,
+        chunk_bytes: int,
+        on_pull_port_lost: Callable[[], None] | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.chunk_bytes = chunk_bytes
         tls = security.tls
-        self.ssl_context = None if tls is None else _client_context(tls)
+        self.ssl_context = security.client_ssl_context()
         self.server_hostname = (tls.server_name if tls else None) or endpoint.host
         authority = tls.server_name if tls and tls.server_name else str(endpoint)
         headers: list[tuple[str, str]] = [
             (":method", "POST"),
             (":scheme", "http" if tls is None else "https"),
-            (":path", PULL_PATH),
+            (":path", h2.PULL_PATH),
             (":authority", authority),
             ("content-type", "application/grpc"),
             ("te", "trailers"),
@@ -87,6 +106,36 @@ class H2PullTransport:
         self._calls: set[H2PullCall] = set()
         self._idle: list[H2Connection] = []
         self._closed = False
+        self._pull_endpoint: Endpoint | None = None
+        self._on_pull_port_lost = on_pull_port_lost
+
+    def use_pull_port(self, pull_port: int, server_port: int) -> None:
+        """Adopt a handshake's ``pull_port`` (0: none) from a server listening on ``server_port``.
+
+        Calls dial it only when ``server_port`` is the port this transport dials:
+        otherwise a relay or port mapping stands between, and calls stay on
+        :attr:`endpoint`.
+        """
+        adopt = pull_port and server_port == self.endpoint.port
+        with self._lock:
+            self._pull_endpoint = self.endpoint.with_port(pull_port) if adopt else None
+
+    @property
+    def dial_endpoint(self) -> Endpoint:
+        """Where new connections go: the adopted pull port, else :attr:`endpoint`."""
+        with self._lock:
+            return self._pull_endpoint or self.endpoint
+
+    def pull_port_failed(self, endpoint: Endpoint, error: CallError) -> None:
+        """``endpoint`` (the adopted pull port) refused a connection: dial the main port from now on."""
+        with self._lock:
+            lost = self._pull_endpoint == endpoint
+            if lost:
+                self._pull_endpoint = None
+        if lost:
+            log.warning("%s; pulling through %s instead", error, self.endpoint)
+            if self._on_pull_port_lost is not None:
+                self._on_pull_port_lost()
 
     def start(self, request: bytes, deadline: float) -> H2PullCall:
         """A call sending the serialized ``PullRequest`` ``request``; it connects when first iterated.
@@ -118,13 +167,15 @@ class H2PullTransport:
     # -- for H2PullCall --------------------------------------------------------
 
     def take_idle(self) -> H2Connection | None:
-        """An idle connection still fit for a call, or None."""
+        """An idle connection still fit for a call (to :attr:`dial_endpoint`), or None."""
         while True:
             with self._lock:
                 if not self._idle:
                     return None
                 conn = self._idle.pop()
-            if time.monotonic() - conn.idle_since <= IDLE_REUSE_S and conn.quiet():
+                wanted = self._pull_endpoint or self.endpoint
+            fresh = time.monotonic() - conn.idle_since <= IDLE_REUSE_S
+            if fresh and conn.endpoint == wanted and conn.quiet():
                 return conn
             conn.close()
 
@@ -270,15 +321,28 @@ class H2PullCall:
                 if exc.code != "UNAVAILABLE" or conn.response_started:
                     raise
             self._detach(conn)
-        conn = H2Connection.open(
-            self._transport.endpoint,
-            self._transport.ssl_context,
-            self._transport.server_hostname,
-            self._deadline,
-            self._attach,
-        )
+        conn = self._connect()
         conn.start_call(self._transport.headers, self._request, self._deadline)
         return conn.read_message(prefix, message_start=True)
+
+    def _connect(self) -> H2Connection:
+        """A new connection to the pull port, or to the main port if that one refuses."""
+        transport = self._transport
+        endpoint = transport.dial_endpoint
+        while True:
+            try:
+                return H2Connection.open(
+                    endpoint,
+                    transport.ssl_context,
+                    transport.server_hostname,
+                    self._deadline,
+                    self._attach,
+                )
+            except ConnectFailed as exc:
+                if endpoint == transport.endpoint:
+                    raise
+                transport.pull_port_failed(endpoint, exc)
+                endpoint = transport.endpoint
 
     def _attach(self, conn: H2Connection) -> None:
         """Make ``conn`` this call's, so that :meth:`cancel` reaches it."""
@@ -297,22 +361,3 @@ class H2PullCall:
         if conn is None:
             raise CallError("CANCELLED", "the call is closed")
         return conn
-
-
-def _client_context(tls: TLSFiles) -> ssl.SSLContext:
-    """A TLS client context from PEM bytes: verify the server against ``tls.ca``, present ``cert``."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    if tls.ca is not None:
-        context.load_verify_locations(cadata=tls.ca.decode("ascii", "replace"))
-    else:
-        context.load_default_certs()
-    if tls.cert is not None and tls.key is not None:
-        # ssl loads a certificate chain from files only: write them to a private temp dir.
-        with tempfile.TemporaryDirectory(prefix="kvpeer-tls-") as directory:
-            cert, key = Path(directory, "cert.pem"), Path(directory, "key.pem")
-            cert.write_bytes(tls.cert)
-            key.touch(mode=0o600)
-            key.write_bytes(tls.key)
-            context.load_cert_chain(cert, key)
-    context.set_alpn_protocols(["h2"])
-    return context

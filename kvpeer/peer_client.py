@@ -19,7 +19,10 @@ Pulls have two transports (``pull_transport``), which behave alike:
 - ``"h2"`` (default): :mod:`kvpeer.h2pull`, a minimal HTTP/2 client that
   receives each row with ``recv_into`` straight into ``dest`` (the kernel's copy
   only), about twice grpcio's throughput here; each stream has a connection of
-  its own, kept for the next pull for a few seconds;
+  its own, kept for the next pull for a few seconds. It dials the peer's pull
+  port, which the handshake advertises (the peer sends rows there without
+  copying them), when it reached the peer on the peer's own port, else the port
+  it dialled (see :mod:`kvpeer.h2pull`);
 - ``"grpc"``: grpcio's stream; each row is copied once from gRPC's message into
   ``dest`` (numpy, so the GIL is released and streams copy in parallel).
 
@@ -79,6 +82,8 @@ class PeerInfo:
     fingerprint: Fingerprint
     max_keys_per_lookup: int
     lease_ttl_s: float
+    #: The peer's fast Pull port (0: none).
+    pull_port: int = 0
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,8 @@ class PeerClient:
             control calls always use the first.
         pull_transport: ``"h2"`` (default; a connection per pull stream, rows
             received in place) or ``"grpc"``; see the module docstring.
+        use_pull_port: with ``h2``, pull from the port the peer advertises for
+            Pull (default); False pulls from ``endpoint`` (benchmarks compare both).
 
     Raises:
         ConfigError: ``pull_transport`` is not one of :data:`PULL_TRANSPORTS`.
@@ -159,6 +166,7 @@ class PeerClient:
         rpc_timeout_s: float = 5.0,
         channels: int = 1,
         pull_transport: str = "h2",
+        use_pull_port: bool = True,
     ) -> None:
         _check_transport(pull_transport)
         address = parse_endpoint(endpoint, key="peer endpoint")
@@ -194,7 +202,13 @@ class PeerClient:
         ]
         self._h2 = None
         if pull_transport == "h2":
-            self._h2 = H2PullTransport(address, security=security, chunk_bytes=chunk_bytes)
+            self._h2 = H2PullTransport(
+                address,
+                security=security,
+                chunk_bytes=chunk_bytes,
+                on_pull_port_lost=self._forget_handshake,
+            )
+        self._use_pull_port = use_pull_port
         self._next_channel = itertools.count()
         self._handshake_lock = threading.Lock()
         self._info: PeerInfo | None = None
@@ -221,7 +235,14 @@ class PeerClient:
             )
             response = self._call(self._handshake_rpc, request, self._rpc_timeout_s, "handshake")
             self._info = self._check_handshake(response)
+            if self._h2 is not None and self._use_pull_port:
+                self._h2.use_pull_port(response.pull_port, response.listen_port)
             return self._info
+
+    def _forget_handshake(self) -> None:
+        """The peer's pull port refused us (it restarted?): handshake again before the next lookup."""
+        with self._handshake_lock:
+            self._info = None
 
     def lookup(
         self,
@@ -362,6 +383,7 @@ class PeerClient:
             fingerprint=theirs,
             max_keys_per_lookup=response.max_keys_per_lookup,
             lease_ttl_s=response.lease_ttl_ms / 1000,
+            pull_port=response.pull_port,
         )
 
     def _dest_array(self, target: PullTarget) -> np.ndarray:

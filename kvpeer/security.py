@@ -17,6 +17,8 @@ directory), so a cluster is configured with one set of PEM files and one token:
 from __future__ import annotations
 
 import hmac
+import ssl
+import tempfile
 from collections import namedtuple
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -120,7 +122,52 @@ class Security:
     def server_interceptors(self) -> list[grpc.ServerInterceptor]:
         return [] if self.token is None else [_TokenCheck(self.token)]
 
+    def server_ssl_context(self) -> ssl.SSLContext | None:
+        """The same TLS as :meth:`server_credentials` for servers not run by grpcio (ALPN ``h2``).
+
+        None means plaintext. With ``tls.ca``, clients must present a certificate it signed.
+        """
+        if self.tls is None:
+            return None
+        if self.tls.cert is None or self.tls.key is None:
+            raise ConfigError("tls.cert", "a server needs a certificate and key to serve TLS")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2  # HTTP/2 requires TLS 1.2 or later
+        _load_cert_chain(context, self.tls.cert, self.tls.key)
+        if self.tls.ca is not None:
+            context.load_verify_locations(cadata=self.tls.ca.decode("ascii", "replace"))
+            context.verify_mode = ssl.CERT_REQUIRED
+        context.set_alpn_protocols(["h2"])
+        return context
+
+    def token_refusal(self, presented: bytes | None) -> str | None:
+        """Why a call presenting ``presented`` as ``authorization`` is refused; None admits it.
+
+        Constant-time comparison; every server checks tokens through here.
+        """
+        if self.token is None:
+            return None
+        return _token_refusal(f"Bearer {self.token}".encode(), presented)
+
     # -- client side ---------------------------------------------------------
+
+    def client_ssl_context(self) -> ssl.SSLContext | None:
+        """The same TLS as :meth:`open_channel` for clients not run by grpcio (ALPN ``h2``).
+
+        None means plaintext. Verifies the server against ``tls.ca`` (the system's CAs
+        without it) and presents ``tls.cert`` when given (mutual TLS).
+        """
+        if self.tls is None:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        if self.tls.ca is not None:
+            context.load_verify_locations(cadata=self.tls.ca.decode("ascii", "replace"))
+        else:
+            context.load_default_certs()
+        if self.tls.cert is not None and self.tls.key is not None:
+            _load_cert_chain(context, self.tls.cert, self.tls.key)
+        context.set_alpn_protocols(["h2"])
+        return context
 
     def channel_options(self) -> list[tuple[str, Any]]:
         if self.tls is not None and self.tls.server_name:
@@ -146,6 +193,23 @@ class Security:
         return channel
 
 
+def _load_cert_chain(context: ssl.SSLContext, cert: bytes, key: bytes) -> None:
+    """Load a PEM certificate and key held in memory (``ssl`` reads chains from files only)."""
+    with tempfile.TemporaryDirectory(prefix="kvpeer-tls-") as directory:
+        cert_path, key_path = Path(directory, "cert.pem"), Path(directory, "key.pem")
+        cert_path.write_bytes(cert)
+        key_path.touch(mode=0o600)
+        key_path.write_bytes(key)
+        context.load_cert_chain(cert_path, key_path)
+
+
+def _token_refusal(expected: bytes, presented: bytes | None) -> str | None:
+    if presented is not None and hmac.compare_digest(presented, expected):
+        return None
+    reason = "missing bearer token" if presented is None else "wrong bearer token"
+    return f"{reason}: set auth_token_file to this cluster's token"
+
+
 class _TokenCheck(grpc.ServerInterceptor):
     """Refuses calls whose ``authorization`` metadata is not ``Bearer <token>``."""
 
@@ -165,11 +229,10 @@ class _TokenCheck(grpc.ServerInterceptor):
             if name == TOKEN_HEADER:
                 presented = value.encode() if isinstance(value, str) else value
                 break
-        if presented is not None and hmac.compare_digest(presented, self._expected):
+        refusal = _token_refusal(self._expected, presented)
+        if refusal is None:
             return continuation(handler_call_details)
-        reason = "missing bearer token" if presented is None else "wrong bearer token"
-        handler = continuation(handler_call_details)
-        return _deny(handler, f"{reason}: set auth_token_file to this cluster's token")
+        return _deny(continuation(handler_call_details), refusal)
 
 
 def _deny(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:

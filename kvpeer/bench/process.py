@@ -8,6 +8,7 @@ until the process is terminated; the parent reads the port with a deadline.
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
@@ -60,3 +61,10 @@ def report_port(conn: Connection, port: int) -> None:
     """Called by a target once it serves: hands ``port`` to the parent."""
     conn.send(port)
     conn.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

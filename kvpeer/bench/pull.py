@@ -2,10 +2,10 @@
 
 :class:`PeerNodeProcess` runs a :class:`~kvpeer.server.peer_server.PeerServer`
 over an :class:`~kvpeer.server.array_source.ArrayChunkSource` full of synthetic
-rows in its own process. :func:`timed_pull` looks the keys up, pulls every row
-into a preallocated buffer (digests verified by the client) and releases the
-lease, as the vLLM tier does for one load job, through whichever pull transport
-the client was made with (``h2`` or ``grpc``).
+rows in its own process (with its fast Pull port). :func:`timed_pull` looks the
+keys up, pulls every row into a preallocated buffer (digests verified by the
+client) and releases the lease, as the vLLM tier does for one load job, through
+whichever path the client was made for (:data:`PULL_PATHS`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +24,16 @@ from kvpeer.errors import KVPeerError
 from kvpeer.fingerprint import Fingerprint
 from kvpeer.peer_client import PeerClient, PullTarget
 from kvpeer.server.peer_server import PeerServer
+
+#: The ways a client can pull, by benchmark name: the keywords of its PeerClient.
+PULL_PATHS: dict[str, dict[str, Any]] = {
+    # kvpeer.h2pull from the server's pull port: zero-copy sends, zero-copy receives.
+    "h2": {"pull_transport": "h2"},
+    # kvpeer.h2pull from grpcio's port: the server copies each row twice.
+    "h2-main": {"pull_transport": "h2", "use_pull_port": False},
+    # grpcio on both ends.
+    "grpc": {"pull_transport": "grpc"},
+}
 
 
 def bench_fingerprint(chunk_bytes: int) -> Fingerprint:

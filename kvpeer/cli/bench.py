@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvpeer.bench.process import cpu_seconds
 from kvpeer.errors import KVPeerError
 from kvpeer.sim.node import NodeError
 
@@ -548,11 +549,11 @@ def _idle_cpu(runners: dict[str, _Runner], seconds: float) -> dict[str, dict[str
         pair.resume()
         try:
             time.sleep(1.0)  # let the resumed processes settle
-            before = [_cpu_seconds(pid) for pid in pair.pids]
+            before = [cpu_seconds(pid) for pid in pair.pids]
             started = time.monotonic()
             time.sleep(seconds)
             elapsed = time.monotonic() - started
-            after = [_cpu_seconds(pid) for pid in pair.pids]
+            after = [cpu_seconds(pid) for pid in pair.pids]
         finally:
             pair.pause()
         out[name] = {
@@ -563,13 +564,6 @@ def _idle_cpu(runners: dict[str, _Runner], seconds: float) -> dict[str, dict[str
             + ", ".join(f"{role} {value:5.1f}% of a core" for role, value in out[name].items())
         )
     return out
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (all its threads), from /proc."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _directory_throughput(seconds: float) -> dict[str, Any]:

@@ -3,13 +3,15 @@
 :class:`KVPeerServicer` implements the four methods of ``kvpeer.v1.KVPeer``
 (``proto/kvpeer/v1/peer.proto``); :class:`PeerServer` runs it through
 :class:`~kvpeer.server.grpc_server.GrpcServer`, which adds TLS, the bearer token,
-health and reflection.
+health and reflection, and by default also runs
+:class:`~kvpeer.server.pull_server.PullServer` on a second port: Pull alone,
+with zero-copy sends, advertised in the handshake (``pull_port``).
 
 Two choices keep the data plane fast and the server robust:
 
 - Pull answers with bytes framed by :mod:`kvpeer.wire` and an identity response
   serializer: each row goes from the pinned memoryview into the message in one
-  copy, never through a protobuf object.
+  copy, never through a protobuf object (on the pull port: in no copy at all).
 - Requests arrive as raw bytes and are parsed here, so a malformed message gets
   INVALID_ARGUMENT naming the message instead of gRPC's generic INTERNAL.
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NoReturn, TypeVar
 
@@ -38,8 +40,11 @@ from kvpeer.security import Security
 from kvpeer.server.chunk_source import ChunkSource, LookupRefused
 from kvpeer.server.grpc_server import GrpcServer, Service, status_details
 from kvpeer.server.leases import Lease, LeaseNotFound, LeaseTable, TooManyLeases
+from kvpeer.server.pull_server import STATS_KEYS as PULL_STATS_KEYS
+from kvpeer.server.pull_server import PullServer, PullServerOptions
+from kvpeer.server.pull_stream import REVOKED_MESSAGE, PullStream, Refusal
 from kvpeer.v1 import peer_pb2
-from kvpeer.wire import MAX_HEADER_BYTES, MAX_KEY_BYTES, chunk_header, digest
+from kvpeer.wire import MAX_HEADER_BYTES, MAX_KEY_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +76,6 @@ class PeerServerOptions:
     max_concurrent_rpcs: int | None = None
 
 
-class _Refusal(Exception):
-    """Ends a call with ``code`` and ``message``; raised by validation helpers."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 class KVPeerServicer:
     """The four KVPeer methods over one :class:`ChunkSource`.
 
@@ -102,7 +98,10 @@ class KVPeerServicer:
         self._options = options
         self._leases = LeaseTable(options.lease_ttl_s, options.max_leases)
         self._streams_lock = threading.Lock()
-        self._streams: set[_PullStream] = set()
+        self._streams: set[PullStream] = set()
+        #: Ports the handshake advertises; set by PeerServer once it is bound.
+        self.listen_port = 0
+        self.pull_port = 0
         self._stats_lock = threading.Lock()
         self._counts: Counter[str] = Counter()
 
@@ -120,6 +119,8 @@ class KVPeerServicer:
             fingerprint=self._fingerprint.to_proto(),
             max_keys_per_lookup=self._options.max_keys_per_lookup,
             lease_ttl_ms=round(self._options.lease_ttl_s * 1000),
+            pull_port=self.pull_port,
+            listen_port=self.listen_port,
         ).SerializeToString()
 
     def lookup(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
@@ -185,22 +186,43 @@ class KVPeerServicer:
         return response.SerializeToString()
 
     def pull(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        request = self._parse(peer_pb2.PullRequest, raw, context)
         try:
-            lease = self._leases.begin_pull(request.lease_id)
-        except LeaseNotFound as exc:
-            self._abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
-        try:
-            indices = self._pull_indices(lease, list(request.indices))
-        except _Refusal as refusal:
-            self._leases.end_pull(lease)
-            self._abort(context, refusal.code, refusal.message)
-        self._count("pulls")
-        stream = _PullStream(lease, indices, context, self._end_pull, self._count)
-        with self._streams_lock:
-            self._streams.add(stream)
+            stream = self.open_pull(raw)
+        except Refusal as refusal:
+            context.abort(refusal.code, status_details(refusal.message))
+        messages = _GrpcPullMessages(stream, context)
         if not context.add_callback(stream.close):
             stream.close()
+        return messages
+
+    def open_pull(self, raw: bytes) -> PullStream:
+        """Validate a serialized PullRequest and start reading its lease (both listeners).
+
+        The caller owns the returned stream and must :meth:`PullStream.close` it.
+
+        Raises:
+            Refusal: INVALID_ARGUMENT (malformed request, bad indices) or NOT_FOUND
+                (unknown, released or expired lease); counted in the stats.
+        """
+        request = peer_pb2.PullRequest()
+        try:
+            request.ParseFromString(raw)
+            lease = self._leases.begin_pull(request.lease_id)
+        except DecodeError as exc:
+            raise self._refusal(
+                grpc.StatusCode.INVALID_ARGUMENT, f"malformed kvpeer.v1.PullRequest: {exc}"
+            ) from None
+        except LeaseNotFound as exc:
+            raise self._refusal(grpc.StatusCode.NOT_FOUND, str(exc)) from None
+        try:
+            indices = self._pull_indices(lease, list(request.indices))
+        except Refusal as refusal:
+            self._leases.end_pull(lease)
+            raise self._refusal(refusal.code, refusal.message) from None
+        self._count("pulls")
+        stream = PullStream(lease, indices, self._end_pull, self._count)
+        with self._streams_lock:
+            self._streams.add(stream)
         return stream
 
     def release(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
@@ -235,7 +257,7 @@ class KVPeerServicer:
         for stream in streams:
             stream.revoke()
 
-    def _end_pull(self, stream: _PullStream) -> None:
+    def _end_pull(self, stream: PullStream) -> None:
         with self._streams_lock:
             self._streams.discard(stream)
         self._leases.end_pull(stream.lease)
@@ -274,10 +296,15 @@ class KVPeerServicer:
     def _abort(
         self, context: grpc.ServicerContext, code: grpc.StatusCode, message: str
     ) -> NoReturn:
+        refusal = self._refusal(code, message)
+        context.abort(refusal.code, status_details(refusal.message))
+        raise AssertionError("unreachable: context.abort raises")
+
+    def _refusal(self, code: grpc.StatusCode, message: str) -> Refusal:
+        """A refusal, counted in the stats (``errors_<status>``)."""
         self._count(f"errors_{code.name.lower()}")
         log.debug("refusing %s: %s", code.name, message)
-        context.abort(code, status_details(message))
-        raise AssertionError("unreachable: context.abort raises")
+        return Refusal(code, message)
 
     def _parse(self, cls: type[_M], raw: bytes, context: grpc.ServicerContext) -> _M:
         message = cls()
@@ -333,18 +360,18 @@ class KVPeerServicer:
         seen: set[int] = set()
         for position, index in enumerate(requested):
             if index in seen:
-                raise _Refusal(
+                raise Refusal(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"indices[{position}]: {index} is named twice; ask for each row once",
                 )
             seen.add(index)
             if index >= len(hits):
-                raise _Refusal(
+                raise Refusal(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"indices[{position}]: {index} is out of range, the lease has {len(hits)} keys",
                 )
             if not hits[index]:
-                raise _Refusal(
+                raise Refusal(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"indices[{position}]: key {index} did not hit, so the lease holds no row for it",
                 )
@@ -358,70 +385,33 @@ class KVPeerServicer:
         )
 
 
-class _PullStream:
-    """The response iterator of one Pull: yields framed rows from the pinned lease.
+class _GrpcPullMessages:
+    """The response iterator of a Pull on grpcio: one ``bytes`` message per row.
 
-    gRPC calls :meth:`__next__` on the stream's handler thread, and :meth:`close`
-    from its own thread when the call ends (completed, cancelled, deadline passed
-    or server stopping). The lock makes ``close`` wait for a row being framed, so
-    the lease's Pull count drops only once no row is read any more; ``close`` is
-    idempotent and runs at least once, from gRPC or from the last ``__next__``.
+    gRPC calls :meth:`__next__` on the stream's handler thread. Each row is copied
+    once, into the message (grpcio's API takes ``bytes``), under the stream's lock.
     """
 
-    def __init__(
-        self,
-        lease: Lease,
-        indices: list[int],
-        context: grpc.ServicerContext,
-        end_pull: Callable[[_PullStream], None],
-        count: Callable[[str, int], None],
-    ) -> None:
-        self.lease = lease
-        self._lease = lease
-        self._indices = iter(indices)
+    def __init__(self, stream: PullStream, context: grpc.ServicerContext) -> None:
+        self._stream = stream
         self._context = context
-        self._end_pull = end_pull
-        self._count = count
-        self._lock = threading.Lock()
-        self._open = True
-        self._revoked = False
 
-    def __iter__(self) -> _PullStream:
+    def __iter__(self) -> _GrpcPullMessages:
         return self
 
     def __next__(self) -> bytes:
-        with self._lock:
-            if self._revoked:
-                self._context.abort(
-                    grpc.StatusCode.UNAVAILABLE,
-                    "the node took its chunks back (KV cache reset): look the keys up again",
-                )
-            index = next(self._indices, None) if self._open else None
-            if index is None or not self._context.is_active():
-                self._close_locked()
+        stream = self._stream
+        with stream.lock:
+            if stream.revoked:
+                self._context.abort(grpc.StatusCode.UNAVAILABLE, REVOKED_MESSAGE)
+            item = stream.next_row() if self._context.is_active() else None
+            if item is None:
+                stream.close_locked()
                 raise StopIteration
-            row = self._lease.row(index)
-            message = b"".join(
-                (chunk_header(index, self._lease.keys[index], digest(row), len(row)), row)
-            )
-        self._count("chunks_served", 1)
-        self._count("bytes_served", len(row))
+            header, row = item
+            message = b"".join((header, row))
+        stream.count_row(len(row))
         return message
-
-    def close(self) -> None:
-        with self._lock:
-            self._close_locked()
-
-    def revoke(self) -> None:
-        """Stop reading rows now (waits for a row being framed); the call ends UNAVAILABLE."""
-        with self._lock:
-            self._revoked = True
-            self._close_locked()
-
-    def _close_locked(self) -> None:
-        if self._open:
-            self._open = False
-            self._end_pull(self)
 
 
 class PeerServer:
@@ -438,7 +428,13 @@ class PeerServer:
         fingerprint: this node's compatibility fingerprint.
         listen: ``host:port`` to bind; port 0 picks a free port.
         security: TLS and token; plaintext and open by default.
+        pull_port: port of the fast Pull listener on ``listen``'s host (0: a free
+            one), or None for none (Pull is then served on ``listen`` only).
+        pull_options: the fast Pull listener's limits and timeouts.
         The remaining keywords are the fields of :class:`PeerServerOptions`.
+
+    Raises:
+        ConfigError: (from :meth:`start`) ``listen`` or ``pull_port`` cannot be bound.
     """
 
     def __init__(
@@ -456,6 +452,8 @@ class PeerServer:
         lookup_timeout_s: float = 5.0,
         max_workers: int = 16,
         max_concurrent_rpcs: int | None = None,
+        pull_port: int | None = 0,
+        pull_options: PullServerOptions | None = None,
     ) -> None:
         self.options = PeerServerOptions(
             max_keys_per_lookup=max_keys_per_lookup,
@@ -486,6 +484,14 @@ class PeerServer:
             max_concurrent_rpcs=max_concurrent_rpcs or 4 * max_workers,
             max_send_bytes=max(source.chunk_bytes + MAX_HEADER_BYTES, _MIN_SEND_BYTES),
         )
+        self._pull: PullServer | None = None
+        if pull_port is not None:
+            self._pull = PullServer(
+                self.servicer.open_pull,
+                self._grpc.endpoint.with_port(pull_port),
+                security or Security(),
+                pull_options or PullServerOptions(),
+            )
 
     @property
     def node_id(self) -> str:
@@ -503,13 +509,30 @@ class PeerServer:
     def endpoint(self) -> Endpoint:
         return self._grpc.endpoint
 
+    @property
+    def pull_port(self) -> int:
+        """The fast Pull listener's port once started; 0 when there is none."""
+        return self._pull.port if self._pull is not None else 0
+
     def start(self) -> PeerServer:
         self._grpc.start()
+        if self._pull is not None:
+            try:
+                self._pull.start()
+            except BaseException:
+                self._grpc.stop(0)
+                raise
+        self.servicer.listen_port = self._grpc.port
+        self.servicer.pull_port = self.pull_port
         return self
 
     def stop(self, grace: float | None = 1.0) -> None:
-        """Stop serving; idempotent."""
+        """Stop serving (calls get ``grace`` seconds, on both ports at once); idempotent."""
+        if self._pull is not None:
+            self._pull.shutdown(grace or 0.0)
         self._grpc.stop(grace)
+        if self._pull is not None:
+            self._pull.stop(grace or 0.0)
         self.servicer.close()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -534,9 +557,12 @@ class PeerServer:
         Keys: handshakes, lookups, lookup_keys, lookup_hits, pulls, chunks_served,
         bytes_served, leases_live, leases_created, leases_released, leases_expired,
         errors_total and one ``errors_<status>`` (e.g. ``errors_not_found``) per
-        status answered so far.
+        status answered so far (both ports); and of the pull port:
+        pull_port_connections (open now), pull_port_calls,
+        pull_port_refused_connections (closed at accept, over the limit).
         """
-        return self.servicer.stats()
+        pull = self._pull.stats() if self._pull is not None else dict.fromkeys(PULL_STATS_KEYS, 0)
+        return self.servicer.stats() | pull
 
     def __enter__(self) -> PeerServer:
         return self.start()

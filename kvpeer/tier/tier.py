@@ -143,6 +143,7 @@ class PeerSecondaryTier(SecondaryTierManager):
             self._server = PeerServer(
                 self._source,
                 listen=str(listen),
+                pull_port=_offset_port(config.pull_port, dp_index),
                 node_id="starting",
                 fingerprint=self.fingerprint,
                 security=config.security,
@@ -411,3 +412,7 @@ def _offset(endpoint, dp_index: int):
         else endpoint.with_port(endpoint.port + dp_index)
     )
 
+
+def _offset_port(port: int | None, dp_index: int) -> int | None:
+    """The pull port of a data-parallel replica, as :func:`_offset` (0 and None stay)."""
+    return port + dp_index if port else port

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kvpeer.v1 import fingerprint_pb2 as kvpeer_dot_v1_dot_fingerprint__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kvpeer/v1/peer.proto\x12\tkvpeer.v1\x1a\x1bkvpeer/v1/fingerprint.proto\"\x7f\n\x10HandshakeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x04\x12+\n\x0b\x66ingerprint\x18\x04 \x01(\x0b\x32\x16.kvpeer.v1.Fingerprint\"\xb3\x01\n\x11HandshakeResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x04\x12+\n\x0b\x66ingerprint\x18\x04 \x01(\x0b\x32\x16.kvpeer.v1.Fingerprint\x12\x1b\n\x13max_keys_per_lookup\x18\x05 \x01(\r\x12\x14\n\x0clease_ttl_ms\x18\x06 \x01(\r\"v\n\rLookupRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x0c\n\x04hold\x18\x03 \x01(\x08\x12\x12\n\nhandoff_id\x18\x04 \x01(\t\x12\x0f\n\x07wait_ms\x18\x05 \x01(\r\x12\x0f\n\x07node_id\x18\x06 \x01(\t\"E\n\x0eLookupResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0b\n\x03hit\x18\x02 \x03(\x08\x12\x14\n\x0clease_ttl_ms\x18\x03 \x01(\r\"0\n\x0bPullRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0f\n\x07indices\x18\x02 \x03(\r\"A\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x0e\n\x06\x64igest\x18\x03 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\"\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\x11\n\x0fReleaseResponse2\x85\x02\n\x06KVPeer\x12\x46\n\tHandshake\x12\x1b.kvpeer.v1.HandshakeRequest\x1a\x1c.kvpeer.v1.HandshakeResponse\x12=\n\x06Lookup\x12\x18.kvpeer.v1.LookupRequest\x1a\x19.kvpeer.v1.LookupResponse\x12\x32\n\x04Pull\x12\x16.kvpeer.v1.PullRequest\x1a\x10.kvpeer.v1.Chunk0\x01\x12@\n\x07Release\x12\x19.kvpeer.v1.ReleaseRequest\x1a\x1a.kvpeer.v1.ReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kvpeer/v1/peer.proto\x12\tkvpeer.v1\x1a\x1bkvpeer/v1/fingerprint.proto\"\x7f\n\x10HandshakeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x04\x12+\n\x0b\x66ingerprint\x18\x04 \x01(\x0b\x32\x16.kvpeer.v1.Fingerprint\"\xdb\x01\n\x11HandshakeResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x04\x12+\n\x0b\x66ingerprint\x18\x04 \x01(\x0b\x32\x16.kvpeer.v1.Fingerprint\x12\x1b\n\x13max_keys_per_lookup\x18\x05 \x01(\r\x12\x14\n\x0clease_ttl_ms\x18\x06 \x01(\r\x12\x11\n\tpull_port\x18\x07 \x01(\r\x12\x13\n\x0blisten_port\x18\x08 \x01(\r\"v\n\rLookupRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x0c\n\x04hold\x18\x03 \x01(\x08\x12\x12\n\nhandoff_id\x18\x04 \x01(\t\x12\x0f\n\x07wait_ms\x18\x05 \x01(\r\x12\x0f\n\x07node_id\x18\x06 \x01(\t\"E\n\x0eLookupResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0b\n\x03hit\x18\x02 \x03(\x08\x12\x14\n\x0clease_ttl_ms\x18\x03 \x01(\r\"0\n\x0bPullRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0f\n\x07indices\x18\x02 \x03(\r\"A\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x0e\n\x06\x64igest\x18\x03 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\"\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\x11\n\x0fReleaseResponse2\x85\x02\n\x06KVPeer\x12\x46\n\tHandshake\x12\x1b.kvpeer.v1.HandshakeRequest\x1a\x1c.kvpeer.v1.HandshakeResponse\x12=\n\x06Lookup\x12\x18.kvpeer.v1.LookupRequest\x1a\x19.kvpeer.v1.LookupResponse\x12\x32\n\x04Pull\x12\x16.kvpeer.v1.PullRequest\x1a\x10.kvpeer.v1.Chunk0\x01\x12@\n\x07Release\x12\x19.kvpeer.v1.ReleaseRequest\x1a\x1a.kvpeer.v1.ReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,19 +35,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HANDSHAKEREQUEST']._serialized_start=64
   _globals['_HANDSHAKEREQUEST']._serialized_end=191
   _globals['_HANDSHAKERESPONSE']._serialized_start=194
-  _globals['_HANDSHAKERESPONSE']._serialized_end=373
-  _globals['_LOOKUPREQUEST']._serialized_start=375
-  _globals['_LOOKUPREQUEST']._serialized_end=493
-  _globals['_LOOKUPRESPONSE']._serialized_start=495
-  _globals['_LOOKUPRESPONSE']._serialized_end=564
-  _globals['_PULLREQUEST']._serialized_start=566
-  _globals['_PULLREQUEST']._serialized_end=614
-  _globals['_CHUNK']._serialized_start=616
-  _globals['_CHUNK']._serialized_end=681
-  _globals['_RELEASEREQUEST']._serialized_start=683
-  _globals['_RELEASEREQUEST']._serialized_end=717
-  _globals['_RELEASERESPONSE']._serialized_start=719
-  _globals['_RELEASERESPONSE']._serialized_end=736
-  _globals['_KVPEER']._serialized_start=739
-  _globals['_KVPEER']._serialized_end=1000
+  _globals['_HANDSHAKERESPONSE']._serialized_end=413
+  _globals['_LOOKUPREQUEST']._serialized_start=415
+  _globals['_LOOKUPREQUEST']._serialized_end=533
+  _globals['_LOOKUPRESPONSE']._serialized_start=535
+  _globals['_LOOKUPRESPONSE']._serialized_end=604
+  _globals['_PULLREQUEST']._serialized_start=606
+  _globals['_PULLREQUEST']._serialized_end=654
+  _globals['_CHUNK']._serialized_start=656
+  _globals['_CHUNK']._serialized_end=721
+  _globals['_RELEASEREQUEST']._serialized_start=723
+  _globals['_RELEASEREQUEST']._serialized_end=757
+  _globals['_RELEASERESPONSE']._serialized_start=759
+  _globals['_RELEASERESPONSE']._serialized_end=776
+  _globals['_KVPEER']._serialized_start=779
+  _globals['_KVPEER']._serialized_end=1040
 # @@protoc_insertion_point(module_scope)

@@ -20,20 +20,24 @@ class HandshakeRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., node_id: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., fingerprint: _Optional[_Union[_fingerprint_pb2.Fingerprint, _Mapping]] = ...) -> None: ...
 
 class HandshakeResponse(_message.Message):
-    __slots__ = ("protocol_version", "node_id", "chunk_bytes", "fingerprint", "max_keys_per_lookup", "lease_ttl_ms")
+    __slots__ = ("protocol_version", "node_id", "chunk_bytes", "fingerprint", "max_keys_per_lookup", "lease_ttl_ms", "pull_port", "listen_port")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MAX_KEYS_PER_LOOKUP_FIELD_NUMBER: _ClassVar[int]
     LEASE_TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    PULL_PORT_FIELD_NUMBER: _ClassVar[int]
+    LISTEN_PORT_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     node_id: str
     chunk_bytes: int
     fingerprint: _fingerprint_pb2.Fingerprint
     max_keys_per_lookup: int
     lease_ttl_ms: int
-    def __init__(self, protocol_version: _Optional[int] = ..., node_id: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., fingerprint: _Optional[_Union[_fingerprint_pb2.Fingerprint, _Mapping]] = ..., max_keys_per_lookup: _Optional[int] = ..., lease_ttl_ms: _Optional[int] = ...) -> None: ...
+    pull_port: int
+    listen_port: int
+    def __init__(self, protocol_version: _Optional[int] = ..., node_id: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., fingerprint: _Optional[_Union[_fingerprint_pb2.Fingerprint, _Mapping]] = ..., max_keys_per_lookup: _Optional[int] = ..., lease_ttl_ms: _Optional[int] = ..., pull_port: _Optional[int] = ..., listen_port: _Optional[int] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
     __slots__ = ("fingerprint", "keys", "hold", "handoff_id", "wait_ms", "node_id")
