@@ -18,7 +18,15 @@ import pytest
 
 from kvpeer.sim.relay import Faults, Relay
 from kvpeer.sim.rows import chunk_keys
-from tests.support.cluster import free_port, hexkeys, holders, idle, published, wait_for
+from tests.support.cluster import (
+    free_port,
+    hexkeys,
+    holders,
+    idle,
+    joined,
+    published,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -150,6 +158,9 @@ def test_directory_down_degrades_to_miss_and_sharing_resumes_when_it_returns(clu
 
     directory.start()  # same port, empty memory store: A re-joins and re-publishes
     wait_for(lambda: published(directory, a, first + during), timeout_s=60, what="A re-publishes")
+    # B's own channel reconnects on its own back-off (at most ~2 s): sharing resumes once
+    # both nodes are back, which B shows by joining again.
+    wait_for(lambda: joined(directory, b), timeout_s=60, what="B joins again")
     report = b.call("request", keys=hexkeys(during))
     assert report["hit_chunks"] == 4 and report["verified_chunks"] == 4
 

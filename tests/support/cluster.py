@@ -133,6 +133,18 @@ def published(directory: DirectoryProcess, node: NodeProcess, keys: list[bytes])
     )
 
 
+def joined(directory: DirectoryProcess, node: NodeProcess) -> bool:
+    """The directory lists ``node`` as a live member (its directory client is connected)."""
+    import grpc
+
+    from kvpeer.v1 import directory_pb2, directory_pb2_grpc
+
+    with grpc.insecure_channel(directory.endpoint) as channel:
+        stub = directory_pb2_grpc.DirectoryStub(channel)
+        answer = stub.ListNodes(directory_pb2.ListNodesRequest(), timeout=10)
+    return any(n.node_id == node.info["node_id"] for n in answer.nodes)
+
+
 def idle(*nodes: NodeProcess) -> bool:
     """No pinned primary rows, no vLLM jobs and no open row views on any of ``nodes``."""
     for node in nodes:
