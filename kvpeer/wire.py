@@ -47,7 +47,8 @@ def digest(data: memoryview | bytes) -> bytes:
     return xxhash.xxh3_128_digest(data)
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """Protobuf base-128 varint of a non-negative ``value``."""
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -61,15 +62,15 @@ def chunk_header(index: int, key: bytes, data_digest: bytes, data_len: int) -> b
     return b"".join(
         (
             b"\x08",
-            _varint(index),
+            varint(index),
             b"\x12",
-            _varint(len(key)),
+            varint(len(key)),
             key,
             b"\x1a",
-            _varint(len(data_digest)),
+            varint(len(data_digest)),
             data_digest,
             b"\x22",
-            _varint(data_len),
+            varint(data_len),
         )
     )
 

@@ -300,21 +300,12 @@ class _P2PNode:
 
     def op_store(self, keys: Sequence[str], kv_request_id: str) -> int:
         """A PD producer's prefill: store the chunks, parked for ``kv_request_id``."""
-        from vllm.v1.kv_offload.base import ReqContext
-
-        from kvpeer.sim.engine import END_OF_STEP
-
-        ctx = ReqContext(
-            req_id=f"prefill-{kv_request_id}",
-            kv_transfer_params={"remote_decoder": {"kv_request_id": kv_request_id}},
+        return self.driver.store_request(
+            f"prefill-{kv_request_id}",
+            [bytes.fromhex(k) for k in keys],
+            self._row,
+            {"remote_decoder": {"kv_request_id": kv_request_id}},
         )
-        with self.manager.lock:
-            self.manager.on_new_request(ctx)
-        stored = self.driver.store([bytes.fromhex(k) for k in keys], ctx, self._row)
-        with self.manager.lock:
-            self.manager.on_request_finished(ctx)
-            self.manager.on_schedule_end(END_OF_STEP)
-        return stored
 
     def op_request(
         self, keys: Sequence[str], kv_request_id: str, producer: str, patience_s: float = 120.0
@@ -332,17 +323,7 @@ class _P2PNode:
         report = self.driver.run_request(
             f"decode-{kv_request_id}", raw, params=params, timeout_s=patience_s
         )
-        loaded = report.loaded_rows or []
-        wrong = [i for i, row in enumerate(loaded) if row != self._row(raw[i])]
-        return {
-            "hit_chunks": report.hit_chunks,
-            "verified_chunks": len(loaded) - len(wrong),
-            "wrong_chunks": wrong,
-            "lookup_s": report.lookup_s,
-            "load_s": report.load_s,
-            "steps": report.steps,
-            "bytes_loaded": len(loaded) * self.chunk_bytes,
-        }
+        return report.checked(raw, self._row, self.chunk_bytes)
 
     def op_reset(self) -> bool:
         with self.manager.lock:

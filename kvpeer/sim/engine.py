@@ -39,6 +39,27 @@ class RequestReport:
     load_s: float = 0.0
     steps: int = 0
 
+    def checked(
+        self, keys: Sequence[bytes], expected: Callable[[bytes], bytes], chunk_bytes: int
+    ) -> dict[str, Any]:
+        """The report as a node process answers it, each loaded row checked byte for byte.
+
+        ``keys`` are the request's keys; ``expected(key)`` is the row its holder wrote.
+        ``wrong_chunks`` lists the positions of loaded rows that differ (must stay []).
+        """
+        loaded = self.loaded_rows or []
+        wrong = [i for i, row in enumerate(loaded) if row != expected(keys[i])]
+        return {
+            "hit_chunks": self.hit_chunks,
+            "verified_chunks": len(loaded) - len(wrong),
+            "wrong_chunks": wrong,
+            "stored_chunks": self.stored_chunks,
+            "lookup_s": self.lookup_s,
+            "load_s": self.load_s,
+            "steps": self.steps,
+            "bytes_loaded": len(loaded) * chunk_bytes,
+        }
+
 
 class SchedulerDriver:
     """Runs requests against a manager as vLLM's scheduler would. Thread-safe."""
@@ -94,6 +115,27 @@ class SchedulerDriver:
             self.manager.on_schedule_end(END_OF_STEP)
         self._wake.set()
         return report
+
+    def store_request(
+        self,
+        req_id: str,
+        keys: Sequence[bytes],
+        compute: Callable[[bytes], bytes],
+        params: dict[str, Any] | None = None,
+    ) -> int:
+        """A whole request that only stores ``keys`` (a fresh prefill, no lookups).
+
+        ``params`` are its ``kv_transfer_params`` (e.g. a PD producer's). Returns the
+        chunks written.
+        """
+        ctx = ReqContext(req_id=req_id, kv_transfer_params=params)
+        with self.manager.lock:
+            self.manager.on_new_request(ctx)
+        stored = self.store(keys, ctx, compute)
+        with self.manager.lock:
+            self.manager.on_request_finished(ctx)
+            self.manager.on_schedule_end(END_OF_STEP)
+        return stored
 
     def store(
         self, keys: Sequence[bytes], ctx: ReqContext, compute: Callable[[bytes], bytes]

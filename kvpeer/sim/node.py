@@ -271,18 +271,12 @@ class _Node:
         self, keys: Sequence[str], params: dict[str, Any] | None = None, req_id: str = ""
     ) -> int:
         """Compute and store chunks without looking anything up (a fresh prefill)."""
-        from vllm.v1.kv_offload.base import ReqContext
-
-        from kvpeer.sim.engine import END_OF_STEP
-
-        ctx = ReqContext(req_id=req_id or f"store-{time.monotonic_ns()}", kv_transfer_params=params)
-        with self.manager.lock:
-            self.manager.on_new_request(ctx)
-        stored = self.driver.store([bytes.fromhex(k) for k in keys], ctx, self._row)
-        with self.manager.lock:
-            self.manager.on_request_finished(ctx)
-            self.manager.on_schedule_end(END_OF_STEP)
-        return stored
+        return self.driver.store_request(
+            req_id or f"store-{time.monotonic_ns()}",
+            [bytes.fromhex(k) for k in keys],
+            self._row,
+            params,
+        )
 
     def op_request(
         self,
@@ -301,18 +295,7 @@ class _Node:
             compute=self._row if compute else None,
             timeout_s=timeout_s,
         )
-        loaded = report.loaded_rows or []
-        wrong = [i for i, row in enumerate(loaded) if row != self._row(raw[i])]
-        return {
-            "hit_chunks": report.hit_chunks,
-            "verified_chunks": len(loaded) - len(wrong),
-            "wrong_chunks": wrong,
-            "stored_chunks": report.stored_chunks,
-            "lookup_s": report.lookup_s,
-            "load_s": report.load_s,
-            "steps": report.steps,
-            "bytes_loaded": len(loaded) * self.chunk_bytes,
-        }
+        return report.checked(raw, self._row, self.chunk_bytes)
 
     def op_probe_caller_io(
         self, keys: Sequence[str], inbound_keys: Sequence[str]

@@ -43,6 +43,7 @@ from hypothesis.strategies import SearchStrategy
 from kvpeer.fingerprint import MAX_INGREDIENT_BYTES, MAX_INGREDIENTS, Fingerprint
 from kvpeer.server.grpc_server import MAX_REQUEST_BYTES
 from kvpeer.v1 import fingerprint_pb2
+from kvpeer.wire import varint
 
 #: Examples per fuzzed method in the default (CI) run; KVPEER_FUZZ_EXAMPLES overrides it.
 EXAMPLES = int(os.environ.get("KVPEER_FUZZ_EXAMPLES", "200"))
@@ -89,17 +90,7 @@ class FuzzInput:
         printer.text(repr(self))
 
 
-# -- wire encoding -------------------------------------------------------------------
-
-
-def varint(value: int) -> bytes:
-    """Protobuf base-128 varint of ``value`` (any size: over-long ones on purpose)."""
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+# -- wire encoding (varint: kvpeer.wire) ----------------------------------------------
 
 
 def tag(field: int, wire_type: int) -> bytes:
