@@ -36,6 +36,7 @@ from typing import Any
 
 from kvpeer.bench.tier import (
     Launcher,
+    NodePair,
     Transfer,
     checked_transfer,
     close_concurrently,
@@ -150,7 +151,7 @@ class P2PNodeProcess:
         self.stop()
 
 
-class P2PPair:
+class P2PPair(NodePair):
     """A PD producer (side ``"a"``) and consumer (side ``"b"``) with vLLM's p2p tier.
 
     ``env`` is both processes' UCX environment (e.g. ``{"UCX_TLS": "tcp"}``); ``hosts``
@@ -200,21 +201,6 @@ class P2PPair:
     def pids(self) -> list[int]:
         return [node.pid for node in self.nodes if node.started]
 
-    def launch(self) -> P2PPair:
-        self._launch("a", self.producer.launch)
-        self._launch("b", self.consumer.launch)
-        return self
-
-    def wait_ready(self, timeout_s: float = 300.0) -> P2PPair:
-        for node in self.nodes:
-            node.wait_ready(timeout_s)
-        if self.consumer.info["chunk_bytes"] != self.chunk_bytes:
-            raise KVPeerError(
-                f"the p2p nodes' chunks are {self.consumer.info['chunk_bytes']} bytes, "
-                f"not {self.chunk_bytes}"
-            )
-        return self
-
     def handoff(self, keys: Sequence[str], kv_request_id: str) -> Transfer:
         """The producer stores ``keys`` for ``kv_request_id``; the consumer loads them, timed."""
         stored = self.producer.call("store", keys=list(keys), kv_request_id=kv_request_id)
@@ -229,15 +215,6 @@ class P2PPair:
             producer=self.producer.address,
         )
         return checked_transfer(report, len(keys), "vLLM p2p")
-
-    def pause(self) -> None:
-        """SIGSTOP both processes: their UCX progress threads spin even when idle."""
-        for pid in self.pids:
-            os.kill(pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        for pid in self.pids:
-            os.kill(pid, signal.SIGCONT)
 
     def close(self) -> None:
         """Stop both nodes at once (resumed first)."""

@@ -29,7 +29,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from kvpeer.errors import KVPeerError
 from kvpeer.sim.node import NodeProcess, NodeSpec
@@ -90,7 +90,58 @@ def run_here(_side: str, fn: Callable[[], Any]) -> Any:
     return fn()
 
 
-class KvpeerPair:
+_Pair = TypeVar("_Pair", bound="NodePair")
+
+
+class NodePair:
+    """Two node processes, one per side (``"a"`` sends, ``"b"`` receives), for timed moves.
+
+    What :class:`KvpeerPair` and :class:`kvpeer.bench.p2p.P2PPair` share: launching
+    each node on its side (through ``self._launch``), waiting until both are ready,
+    and pausing both (SIGSTOP) while other settings are measured. Subclasses set
+    ``chunk_bytes`` and ``_launch`` and provide :attr:`nodes` and :attr:`pids`.
+    """
+
+    chunk_bytes: int
+    _launch: Launcher
+
+    @property
+    def nodes(self) -> tuple[Any, Any]:
+        """The side-a and side-b node processes (each with ``launch``, ``wait_ready``, ``info``)."""
+        raise NotImplementedError
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the nodes that have started."""
+        raise NotImplementedError
+
+    def launch(self: _Pair) -> _Pair:
+        """Start both processes (each on its side) and return at once."""
+        first, second = self.nodes
+        self._launch("a", first.launch)
+        self._launch("b", second.launch)
+        return self
+
+    def wait_ready(self: _Pair, timeout_s: float = 300.0) -> _Pair:
+        """Wait for both nodes; KVPeerError if their chunks are not ``chunk_bytes``."""
+        for node in self.nodes:
+            node.wait_ready(timeout_s)
+        got = self.nodes[1].info["chunk_bytes"]
+        if got != self.chunk_bytes:
+            raise KVPeerError(f"the nodes' chunks are {got} bytes, not {self.chunk_bytes}")
+        return self
+
+    def pause(self) -> None:
+        """SIGSTOP both processes, so that they take no CPU while others are measured."""
+        for pid in self.pids:
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self.pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+class KvpeerPair(NodePair):
     """A holder node and a consumer node with ``PeerSecondaryTier``.
 
     ``host`` is the address both bind (in a network namespace: the namespace's
@@ -151,22 +202,6 @@ class KvpeerPair:
     def pids(self) -> list[int]:
         return [node.proc.pid for node in self.nodes if node.proc is not None]
 
-    def launch(self) -> KvpeerPair:
-        """Start both processes (each on its side) and return at once."""
-        self._launch("a", self.holder.launch)
-        self._launch("b", self.consumer.launch)
-        return self
-
-    def wait_ready(self, timeout_s: float = 300.0) -> KvpeerPair:
-        for node in self.nodes:
-            node.wait_ready(timeout_s)
-        if self.consumer.info["chunk_bytes"] != self.chunk_bytes:
-            raise KVPeerError(
-                f"the nodes' chunks are {self.consumer.info['chunk_bytes']} bytes, "
-                f"not {self.chunk_bytes}"
-            )
-        return self
-
     def store(self, keys: Sequence[str], params: dict[str, Any] | None = None) -> None:
         """The holder computes and stores the chunks ``keys`` (hex)."""
         stored = self.holder.call("store", keys=list(keys), params=params)
@@ -196,15 +231,6 @@ class KvpeerPair:
             "request", timeout_s=600.0, keys=list(keys), params=params, compute=False
         )
         return checked_transfer(report, len(keys), "kvpeer")
-
-    def pause(self) -> None:
-        """SIGSTOP both processes, so that they take no CPU while others are measured."""
-        for pid in self.pids:
-            os.kill(pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        for pid in self.pids:
-            os.kill(pid, signal.SIGCONT)
 
     def close(self) -> None:
         """Stop both nodes at once (resumed first); kill whichever does not stop cleanly."""
