@@ -14,11 +14,12 @@ fi
 # bench: NIXL for vLLM's p2p tier in `kvpeer bench` (about 130 MB download, 240 MB installed).
 .venv/bin/python -m pip install --quiet -e ".[vllm,dev,bench]"
 
-# Redis backs the directory's shared store; its tests start a real redis-server.
-if ! command -v redis-server >/dev/null 2>&1; then
+# Debian packages: redis-server backs the directory's shared store (its tests start
+# a real one); docker-compose (1.29, no Docker engine needed) validates compose/.
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v docker-compose >/dev/null 2>&1; then
     sudo=""
     if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
     export DEBIAN_FRONTEND=noninteractive
     $sudo apt-get update -qq
-    $sudo apt-get install -y -qq redis-server >/dev/null
+    $sudo apt-get install -y -qq --no-install-recommends redis-server docker-compose >/dev/null
 fi
