@@ -25,12 +25,12 @@ at once, and :meth:`RedisStore.sweep` frees them later in bounded slices.
 
 Why this shape: a 1,000-key Locate is one script doing one ``HMGET`` and, per
 distinct value (a handful: most keys share their holders), one registration
-lookup; publishing 1,000 keys is one ``HMGET``, one ``HSET`` and one ``SADD`` (a
-command per key made publishing to Redis five times slower than to memory;
-Redis spends far less on one command with many fields). Keys travel packed into one
+lookup; publishing 1,000 keys is one ``HMGET``, one ``HSET`` and one ``SADD``. One
+hash per namespace (rather than a Redis key per entry) lets both take the keys as
+they arrive, without composing a key name for each. Keys travel packed into one
 argument (parsing a thousand arguments costs more in redis-py than the lookup in
 Redis), and the Locate answer is one string for the same reason. Keys are raw
-bytes in Redis key names (binary-safe). Numbers that go back into Redis are
+bytes in hash fields and set members (binary-safe). Numbers that go back into Redis are
 formatted with ``%.0f`` (exact below 2**53), never Lua's default formatting.
 """
 
