@@ -111,17 +111,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def holders(directory: DirectoryProcess, fingerprint: str, keys: list[bytes]) -> list[set[str]]:
-    """Node ids the directory names for each key (fingerprint given as a digest)."""
+def _ask_directory(directory: DirectoryProcess, method: str, request: Any) -> Any:
+    """One unary call to ``directory``'s Directory service, e.g. ``("Locate", request)``."""
     import grpc
 
-    from kvpeer.v1 import directory_pb2, directory_pb2_grpc
+    from kvpeer.v1 import directory_pb2_grpc
 
     with grpc.insecure_channel(directory.endpoint) as channel:
-        stub = directory_pb2_grpc.DirectoryStub(channel)
-        answer = stub.Locate(
-            directory_pb2.LocateRequest(fingerprint=fingerprint, keys=keys), timeout=10
-        )
+        return getattr(directory_pb2_grpc.DirectoryStub(channel), method)(request, timeout=10)
+
+
+def holders(directory: DirectoryProcess, fingerprint: str, keys: list[bytes]) -> list[set[str]]:
+    """Node ids the directory names for each key (fingerprint given as a digest)."""
+    from kvpeer.v1 import directory_pb2
+
+    answer = _ask_directory(
+        directory, "Locate", directory_pb2.LocateRequest(fingerprint=fingerprint, keys=keys)
+    )
     nodes = [n.node_id for n in answer.nodes]
     return [{nodes[i] for i in per_key.nodes} for per_key in answer.holders]
 
@@ -135,13 +141,9 @@ def published(directory: DirectoryProcess, node: NodeProcess, keys: list[bytes])
 
 def joined(directory: DirectoryProcess, node: NodeProcess) -> bool:
     """The directory lists ``node`` as a live member (its directory client is connected)."""
-    import grpc
+    from kvpeer.v1 import directory_pb2
 
-    from kvpeer.v1 import directory_pb2, directory_pb2_grpc
-
-    with grpc.insecure_channel(directory.endpoint) as channel:
-        stub = directory_pb2_grpc.DirectoryStub(channel)
-        answer = stub.ListNodes(directory_pb2.ListNodesRequest(), timeout=10)
+    answer = _ask_directory(directory, "ListNodes", directory_pb2.ListNodesRequest())
     return any(n.node_id == node.info["node_id"] for n in answer.nodes)
 
 
