@@ -7,7 +7,7 @@ Every path moves the same synthetic rows (``--total-mib`` in ``--chunk-mib`` row
 from a server process into a preallocated buffer of this process: raw TCP with
 ``recv_into``, and kvpeer with lookup + pull (digests verified) + release, once
 per pull path and stream count. The paths (:data:`kvpeer.bench.pull.PULL_PATHS`):
-``h2``, kvpeer.h2pull from the server's pull port (rows sent with one ``sendmsg``
+``h2``, kvpeer.transport.pull_client from the server's pull port (rows sent with one ``sendmsg``
 each, received in place: no user-space copy on either side); ``h2-main``, the same
 client on the grpcio port (the server copies each row twice); ``grpc``, grpcio on
 both ends. All kvpeer paths pull from the same peer server process. Repetitions
@@ -31,7 +31,7 @@ from kvpeer.bench.process import cpu_seconds
 from kvpeer.bench.pull import PULL_PATHS, PeerNodeProcess, bench_fingerprint, timed_pull
 from kvpeer.bench.rawtcp import RawTcpSender, receive
 from kvpeer.bench.rows import synthetic_keys, synthetic_rows
-from kvpeer.peer_client import PeerClient
+from kvpeer.client.peer import PeerClient
 
 SEED = 7
 

@@ -15,8 +15,8 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kvpeer.errors import ConfigError
-from kvpeer.security import Security
+from kvpeer.api.errors import ConfigError
+from kvpeer.api.security import Security
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,12 +25,12 @@ import pytest
 import yaml
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from kvpeer.api.endpoint import Endpoint
+from kvpeer.api.security import Security
 from kvpeer.cli import COMMANDS, build_parser
 from kvpeer.cli.proxy import config_from_args
-from kvpeer.config import TierConfig
-from kvpeer.endpoint import Endpoint
-from kvpeer.security import Security
 from kvpeer.server.grpc_server import GrpcServer
+from kvpeer.tier.config import TierConfig
 from tests.support.compose import (
     COMPOSE_DIR,
     NODES,

@@ -14,12 +14,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kvpeer.errors import ConfigError
-from kvpeer.fingerprint import Fingerprint
-from kvpeer.security import Security
-from kvpeer.server.directory_server import DirectoryServer
-from kvpeer.server.directory_store import DirectoryStore, MemoryStore, NamespaceStats, open_store
-from kvpeer.server.redis_store import RedisStore
+from kvpeer.api.errors import ConfigError
+from kvpeer.api.fingerprint import Fingerprint
+from kvpeer.api.security import Security
+from kvpeer.server.directory.memory_store import MemoryStore
+from kvpeer.server.directory.redis_store import RedisStore
+from kvpeer.server.directory.service import DirectoryServer
+from kvpeer.server.directory.store import DirectoryStore, NamespaceStats
+from kvpeer.server.directory.stores import open_store
 from kvpeer.v1 import directory_pb2 as pb
 from kvpeer.v1 import directory_pb2_grpc
 from tests.support.directory import (

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvpeer.directory_client import DirectoryClient, Holder, Location, longest_run
-from kvpeer.errors import ConfigError
-from kvpeer.security import Security
+from kvpeer.api.errors import ConfigError
+from kvpeer.api.security import Security
+from kvpeer.client.directory import DirectoryClient, Holder, Location, longest_run
 from kvpeer.v1 import directory_pb2 as pb
 from tests.support.directory import (
     FP_A,

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpeer.errors import WireError
-from kvpeer.fingerprint import (
+from kvpeer.api.errors import WireError
+from kvpeer.api.fingerprint import (
     MAX_INGREDIENT_BYTES,
     MAX_INGREDIENTS,
     MISMATCH_HINTS,
@@ -49,7 +49,7 @@ def test_digest_ignores_ingredient_order_and_value_types():
 
 
 def test_digest_is_the_same_in_another_process_with_another_hash_seed():
-    code = f"from kvpeer.fingerprint import Fingerprint;print(Fingerprint({BASE!r}).digest)"
+    code = f"from kvpeer.api.fingerprint import Fingerprint;print(Fingerprint({BASE!r}).digest)"
     out = subprocess.run(
         [sys.executable, "-c", code],
         env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin"},

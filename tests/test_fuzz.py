@@ -9,7 +9,7 @@ for OK answers the content (hits, rows byte for byte, holders, listings). Never
 UNKNOWN or INTERNAL, never a refusal without a message, never a hang (every call
 has a deadline). Afterwards the server still serves correctly and holds no pins.
 
-Client side: :func:`kvpeer.wire.decode_chunk`, :func:`kvpeer.wire.decode_chunk_header`
+Client side: :func:`kvpeer.api.wire.decode_chunk`, :func:`kvpeer.api.wire.decode_chunk_header`
 and :meth:`Fingerprint.from_proto` get random and mutated bytes, and
 :meth:`PeerClient.pull` streams from a hostile server that sends garbage,
 mutated, duplicated and misaddressed rows, aborts or stalls.
@@ -35,26 +35,25 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kvpeer import PROTOCOL_VERSION
-from kvpeer.bench.rows import synthetic_keys, synthetic_rows
-from kvpeer.endpoint import parse_endpoint
-from kvpeer.errors import WireError
-from kvpeer.fingerprint import Fingerprint
-from kvpeer.peer_client import PULL_TRANSPORTS, PeerClient, PullTarget
-from kvpeer.server.array_source import ArrayChunkSource
-from kvpeer.server.grpc_server import MAX_REQUEST_BYTES, MAX_STATUS_DETAILS_BYTES
-from kvpeer.server.peer_server import PeerServer
-from kvpeer.sim.directory import DirectoryProcess
-from kvpeer.v1 import directory_pb2 as dpb
-from kvpeer.v1 import fingerprint_pb2, peer_pb2
-from kvpeer.wire import (
+from kvpeer.api.endpoint import parse_endpoint
+from kvpeer.api.errors import WireError
+from kvpeer.api.fingerprint import Fingerprint
+from kvpeer.api.limits import MAX_KEY_BYTES, MAX_REQUEST_BYTES, MAX_STATUS_DETAILS_BYTES
+from kvpeer.api.wire import (
     MAX_HEADER_BYTES,
-    MAX_KEY_BYTES,
     chunk_header,
     decode_chunk,
     decode_chunk_header,
     digest,
     encode_chunk,
 )
+from kvpeer.bench.rows import synthetic_keys, synthetic_rows
+from kvpeer.client.peer import PULL_TRANSPORTS, PeerClient, PullTarget
+from kvpeer.server.peer.array_source import ArrayChunkSource
+from kvpeer.server.peer.service import PeerServer
+from kvpeer.sim.directory import DirectoryProcess
+from kvpeer.v1 import directory_pb2 as dpb
+from kvpeer.v1 import fingerprint_pb2, peer_pb2
 from tests.support.chunk_node import ChunkNode
 from tests.support.directory import FP_A, FP_B, DirectoryHarness
 from tests.support.directory import keys as directory_keys

@@ -17,11 +17,11 @@ import hpack
 import numpy as np
 import pytest
 
-from kvpeer.h2conn import WINDOW
-from kvpeer.peer_client import PullTarget
-from kvpeer.security import Security
+from kvpeer.api.security import Security
+from kvpeer.api.wire import encode_chunk
+from kvpeer.client.peer import PullTarget
 from kvpeer.sim.relay import Relay
-from kvpeer.wire import encode_chunk
+from kvpeer.transport.connection import WINDOW
 from tests.support.certs import make_certs, tls_client, tls_server
 from tests.support.h2server import (
     ACK,

@@ -16,14 +16,14 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from kvpeer.api.security import Security
 from kvpeer.cli import inspect
-from kvpeer.security import Security
 from kvpeer.sim.vllm_config import TINY
 from tests.support.certs import make_certs, tls_server
 from tests.support.fingerprints import sim_tier_fingerprint
 
-peer_server = pytest.importorskip("kvpeer.server.peer_server")
-array_source = pytest.importorskip("kvpeer.server.array_source")
+peer_server = pytest.importorskip("kvpeer.server.peer.service")
+array_source = pytest.importorskip("kvpeer.server.peer.array_source")
 
 TOKEN = "s3cret-cluster-token"
 
@@ -219,7 +219,7 @@ def test_kvpeer_inspect_command_runs_without_vllm_or_torch(start_node, prints):
 @pytest.fixture
 def directory() -> Iterator[tuple[str, Callable[..., None]]]:
     """A real directory server and a function that joins a node to it (and publishes keys)."""
-    directory_server = pytest.importorskip("kvpeer.server.directory_server")
+    directory_server = pytest.importorskip("kvpeer.server.directory.service")
     from kvpeer.v1 import directory_pb2, directory_pb2_grpc
 
     server = directory_server.DirectoryServer("127.0.0.1:0", lease_ttl_s=60).start()

@@ -16,10 +16,10 @@ import time
 import numpy as np
 import pytest
 
+from kvpeer.api.errors import ConfigError, IncompatiblePeerError, KVPeerError, PeerUnavailableError
+from kvpeer.api.fingerprint import Fingerprint
 from kvpeer.bench.rows import synthetic_keys, synthetic_rows
-from kvpeer.errors import ConfigError, IncompatiblePeerError, KVPeerError, PeerUnavailableError
-from kvpeer.fingerprint import Fingerprint
-from kvpeer.peer_client import PeerClientPool, PullTarget
+from kvpeer.client.peer import PeerClientPool, PullTarget
 from kvpeer.sim.relay import Faults, Relay
 from tests.support.chunk_node import ChunkNode
 from tests.support.peer import (

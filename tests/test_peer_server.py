@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 
 from kvpeer import PROTOCOL_VERSION
-from kvpeer.fingerprint import Fingerprint
-from kvpeer.server.array_source import ArrayChunkSource, RowPinnedError, SourceFullError
-from kvpeer.server.chunk_source import LookupRefused, PinnedChunks
-from kvpeer.server.peer_server import PeerServer
+from kvpeer.api.fingerprint import Fingerprint
+from kvpeer.api.wire import digest
+from kvpeer.server.peer.array_source import ArrayChunkSource, RowPinnedError, SourceFullError
+from kvpeer.server.peer.chunk_source import LookupRefused, PinnedChunks
+from kvpeer.server.peer.service import PeerServer
 from kvpeer.sim.relay import Faults, Relay
 from kvpeer.v1 import peer_pb2, peer_pb2_grpc
-from kvpeer.wire import digest
 from tests.support.peer import (
     CHUNK_BYTES,
     FINGERPRINT,

@@ -13,9 +13,9 @@ import uuid
 import aiohttp
 import pytest
 
+from kvpeer.api.endpoint import Endpoint
 from kvpeer.cli import main as kvpeer_main
-from kvpeer.endpoint import Endpoint
-from kvpeer.proxy import HANDOFF_HEADER
+from kvpeer.proxy.server import HANDOFF_HEADER
 from kvpeer.tier.params import parse_request_params
 from tests.support.proxy import (
     StandInNode,

@@ -1,4 +1,4 @@
-"""The fast Pull listener (kvpeer.server.pull_server) on loopback, against real clients and bad ones.
+"""The fast Pull listener (kvpeer.transport.pull_server) on loopback, against real clients and bad ones.
 
 Real clients: kvpeer's own (PeerClient, h2 transport), grpcio's generated stub
 and grpcurl with the .proto, in plaintext, TLS, mutual TLS and with the token.
@@ -30,21 +30,21 @@ import grpc
 import numpy as np
 import pytest
 
-from kvpeer import h2frames as h2
+from kvpeer.api.endpoint import Endpoint
+from kvpeer.api.errors import ConfigError
+from kvpeer.api.limits import MAX_REQUEST_BYTES
+from kvpeer.api.security import Security
+from kvpeer.api.wire import digest
 from kvpeer.bench.rows import synthetic_keys
-from kvpeer.config import TierConfig
-from kvpeer.endpoint import Endpoint
-from kvpeer.errors import ConfigError
-from kvpeer.h2conn import CallError
-from kvpeer.h2pull import H2PullTransport
-from kvpeer.peer_client import PeerClient
-from kvpeer.security import Security
-from kvpeer.server.grpc_server import MAX_REQUEST_BYTES
-from kvpeer.server.pull_server import PullServerOptions
-from kvpeer.server.pull_stream import REVOKED_MESSAGE
+from kvpeer.client.peer import PeerClient
 from kvpeer.sim.relay import Relay
+from kvpeer.tier.config import TierConfig
+from kvpeer.transport import frames as h2
+from kvpeer.transport.connection import CallError
+from kvpeer.transport.pull_client import H2PullTransport
+from kvpeer.transport.pull_server import PullServerOptions
+from kvpeer.transport.pull_stream import REVOKED_MESSAGE
 from kvpeer.v1 import peer_pb2, peer_pb2_grpc
-from kvpeer.wire import digest
 from tests.support.certs import make_certs, tls_client, tls_server
 from tests.support.chunk_node import ChunkNode
 from tests.support.h2server import settings
@@ -123,7 +123,7 @@ def assert_serves(node: Node, make_client) -> None:
 @pytest.fixture
 def no_bugs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """Fails the test if a pull connection died of an unexpected exception (a bug)."""
-    with caplog.at_level(logging.ERROR, logger="kvpeer.server.pull_server"):
+    with caplog.at_level(logging.ERROR, logger="kvpeer.transport.pull_server"):
         yield
     assert not caplog.records, [r.getMessage() for r in caplog.records]
 

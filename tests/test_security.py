@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kvpeer.api.errors import KVPeerError, PeerUnavailableError
+from kvpeer.api.security import Security
 from kvpeer.bench.rows import synthetic_keys, synthetic_rows
-from kvpeer.errors import KVPeerError, PeerUnavailableError
-from kvpeer.security import Security
 from tests.support.certs import CertFiles, make_certs, tls_client, tls_server
 from tests.support.chunk_node import ChunkNode
 from tests.support.peer import (

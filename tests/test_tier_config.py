@@ -17,7 +17,7 @@ pytest.importorskip("vllm")
 from vllm.v1.kv_offload.factory import OffloadingSpecFactory
 from vllm.v1.kv_offload.tiering.spec import TieringOffloadingSpec
 
-from kvpeer.errors import ConfigError
+from kvpeer.api.errors import ConfigError
 from kvpeer.sim.vllm_config import TINY, offloading_config
 from kvpeer.tier import metrics
 

@@ -145,7 +145,7 @@ def test_each_ingredient_separates_nodes_with_its_reason(theirs, expected, monke
 
 
 def test_every_ingredient_has_an_actionable_hint():
-    from kvpeer.fingerprint import MISMATCH_HINTS
+    from kvpeer.api.fingerprint import MISMATCH_HINTS
 
     ingredients = sim_tier_fingerprint(TINY).fingerprint.ingredients
     assert sorted(ingredients) == sorted(

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from kvpeer.directory_client import DirectoryClient
+from kvpeer.client.directory import DirectoryClient
 from kvpeer.tier.publisher import Publisher
 from tests.support.directory import FP_A, keys, locate, make_directory  # noqa: F401
 

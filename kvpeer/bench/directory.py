@@ -28,9 +28,9 @@ from dataclasses import asdict, dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kvpeer.api.errors import KVPeerError
+from kvpeer.api.fingerprint import Fingerprint
 from kvpeer.bench.rows import synthetic_keys
-from kvpeer.errors import KVPeerError
-from kvpeer.fingerprint import Fingerprint
 from kvpeer.sim.directory import DirectoryProcess
 from kvpeer.v1 import directory_pb2 as pb
 from kvpeer.v1 import directory_pb2_grpc

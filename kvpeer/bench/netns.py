@@ -36,7 +36,7 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-from kvpeer.errors import KVPeerError
+from kvpeer.api.errors import KVPeerError
 
 ADDRESS_A = "198.18.0.1"
 ADDRESS_B = "198.18.0.2"

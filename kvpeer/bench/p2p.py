@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+from kvpeer.api.errors import KVPeerError
 from kvpeer.bench.tier import (
     Launcher,
     NodePair,
@@ -44,7 +45,6 @@ from kvpeer.bench.tier import (
     run_here,
     sim_geometry,
 )
-from kvpeer.errors import KVPeerError
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from kvpeer.errors import KVPeerError
+from kvpeer.api.errors import KVPeerError
 
 
 class ServerProcess:

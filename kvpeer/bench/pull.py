@@ -1,7 +1,7 @@
 """kvpeer's side of the pull benchmark: a peer server process and timed pulls.
 
-:class:`PeerNodeProcess` runs a :class:`~kvpeer.server.peer_server.PeerServer`
-over an :class:`~kvpeer.server.array_source.ArrayChunkSource` full of synthetic
+:class:`PeerNodeProcess` runs a :class:`~kvpeer.server.peer.service.PeerServer`
+over an :class:`~kvpeer.server.peer.array_source.ArrayChunkSource` full of synthetic
 rows in its own process (with its fast Pull port). :func:`timed_pull` looks the
 keys up, pulls every row into a preallocated buffer (digests verified by the
 client) and releases the lease, as the vLLM tier does for one load job, through
@@ -18,18 +18,18 @@ from typing import Any
 import numpy as np
 
 from kvpeer import PROTOCOL_VERSION
+from kvpeer.api.errors import KVPeerError
+from kvpeer.api.fingerprint import Fingerprint
 from kvpeer.bench.process import ServerProcess, report_port
 from kvpeer.bench.rows import synthetic_source
-from kvpeer.errors import KVPeerError
-from kvpeer.fingerprint import Fingerprint
-from kvpeer.peer_client import PeerClient, PullTarget
-from kvpeer.server.peer_server import PeerServer
+from kvpeer.client.peer import PeerClient, PullTarget
+from kvpeer.server.peer.service import PeerServer
 
 #: The ways a client can pull, by benchmark name: the keywords of its PeerClient.
 PULL_PATHS: dict[str, dict[str, Any]] = {
-    # kvpeer.h2pull from the server's pull port: zero-copy sends, zero-copy receives.
+    # kvpeer.transport.pull_client from the server's pull port: zero-copy sends, zero-copy receives.
     "h2": {"pull_transport": "h2"},
-    # kvpeer.h2pull from grpcio's port: the server copies each row twice.
+    # kvpeer.transport.pull_client from grpcio's port: the server copies each row twice.
     "h2-main": {"pull_transport": "h2", "use_pull_port": False},
     # grpcio on both ends.
     "grpc": {"pull_transport": "grpc"},

@@ -15,9 +15,9 @@ import struct
 import time
 from multiprocessing.connection import Connection
 
+from kvpeer.api.errors import KVPeerError
 from kvpeer.bench.process import ServerProcess, report_port
 from kvpeer.bench.rows import synthetic_rows
-from kvpeer.errors import KVPeerError
 
 _REQUEST = struct.Struct(">Q")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvpeer.server.array_source import ArrayChunkSource
+from kvpeer.server.peer.array_source import ArrayChunkSource
 
 #: Bytes of a synthetic key (the size of a vLLM OffloadKey with a 4-byte group index).
 KEY_BYTES = 36

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from kvpeer.errors import KVPeerError
+from kvpeer.api.errors import KVPeerError
 from kvpeer.sim.node import NodeProcess, NodeSpec
 from kvpeer.sim.vllm_config import LLAMA3_8B, TINY
 

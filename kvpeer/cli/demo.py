@@ -1,7 +1,7 @@
 """``kvpeer demo``: a directory and four vLLM nodes on this machine, sharing KV.
 
 No flags needed (the defaults are the README's main command); ``--quick`` runs
-tiny sizes. See :mod:`kvpeer.demo` for what each step shows.
+tiny sizes. See :mod:`kvpeer.sim.demo` for what each step shows.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvpeer.demo import DemoSettings
-    from kvpeer.demo import run as run_demo
+    from kvpeer.sim.demo import DemoSettings
+    from kvpeer.sim.demo import run as run_demo
 
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     overrides = {

@@ -15,11 +15,12 @@ import sys
 import threading
 
 from kvpeer import DEFAULT_DIRECTORY_PORT
-from kvpeer.endpoint import parse_endpoint
-from kvpeer.errors import ConfigError
-from kvpeer.security import Security
-from kvpeer.server.directory_server import DirectoryServer, check_lease_ttl
-from kvpeer.server.directory_store import StoreError, open_store
+from kvpeer.api.endpoint import parse_endpoint
+from kvpeer.api.errors import ConfigError
+from kvpeer.api.security import Security
+from kvpeer.server.directory.service import DirectoryServer, check_lease_ttl
+from kvpeer.server.directory.store import StoreError
+from kvpeer.server.directory.stores import open_store
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ from typing import TypeVar
 import grpc
 
 from kvpeer import PROTOCOL_VERSION
-from kvpeer.endpoint import Endpoint, parse_endpoint
-from kvpeer.errors import ConfigError, WireError
-from kvpeer.fingerprint import Fingerprint
-from kvpeer.security import Security
+from kvpeer.api.endpoint import Endpoint, parse_endpoint
+from kvpeer.api.errors import ConfigError, WireError
+from kvpeer.api.fingerprint import Fingerprint
+from kvpeer.api.security import Security
 from kvpeer.v1 import directory_pb2, directory_pb2_grpc, peer_pb2, peer_pb2_grpc
 
 EXIT_OK = 0

@@ -1,4 +1,4 @@
-"""``kvpeer proxy``: the prefill/decode OpenAI-compatible proxy (see :mod:`kvpeer.proxy`).
+"""``kvpeer proxy``: the prefill/decode OpenAI-compatible proxy (see :mod:`kvpeer.proxy.server`).
 
 Runs without torch or vLLM. Serves until SIGINT or SIGTERM.
 """
@@ -10,9 +10,9 @@ import asyncio
 import signal
 import sys
 
-from kvpeer.endpoint import Endpoint, parse_endpoint
-from kvpeer.errors import ConfigError
-from kvpeer.proxy import ProxyConfig, ProxyServer
+from kvpeer.api.endpoint import Endpoint, parse_endpoint
+from kvpeer.api.errors import ConfigError
+from kvpeer.proxy.server import ProxyConfig, ProxyServer
 
 DEFAULT_LISTEN = "0.0.0.0:8000"
 

@@ -19,29 +19,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvpeer.endpoint import Endpoint, parse_endpoint
-from kvpeer.errors import ConfigError
-from kvpeer.security import Security
+from kvpeer.api.endpoint import Endpoint, parse_endpoint
+from kvpeer.api.errors import ConfigError
+from kvpeer.api.limits import MAX_REQUEST_BYTES
+from kvpeer.api.security import Security
 
 log = logging.getLogger(__name__)
-
-#: Largest request message any kvpeer method accepts (a 4,096-key batch is ~160 KiB).
-MAX_REQUEST_BYTES = 1 << 20
-#: Longest status message (UTF-8 bytes) a kvpeer server sends. Messages quote the
-#: caller's input, and gRPC clients refuse trailers beyond 8 to 16 KiB (a status
-#: travels percent-encoded: up to 3 bytes per byte), turning the refusal into a
-#: confusing RESOURCE_EXHAUSTED about metadata.
-MAX_STATUS_DETAILS_BYTES = 2048
-
-
-def status_details(message: str) -> str:
-    """``message`` cut to :data:`MAX_STATUS_DETAILS_BYTES`; servicers pass every status through it."""
-    encoded = message.encode()
-    if len(encoded) <= MAX_STATUS_DETAILS_BYTES:
-        return message
-    suffix = " ... (truncated)"
-    kept = encoded[: MAX_STATUS_DETAILS_BYTES - len(suffix)].decode(errors="ignore")
-    return kept + suffix
 
 
 @dataclass(frozen=True)

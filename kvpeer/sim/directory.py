@@ -17,7 +17,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from kvpeer.errors import KVPeerError
+from kvpeer.api.errors import KVPeerError
 
 _READY = re.compile(r"ready on (\S+):(\d+) .*?(?:metrics :(\d+))?\)$")
 

@@ -309,7 +309,7 @@ class _Node:
         peer (serve_external_requests). A tracer attached to this process checks that
         neither this thread nor the engine-step thread touched a socket.
         """
-        from kvpeer.peer_client import PeerClient
+        from kvpeer.client.peer import PeerClient
         from kvpeer.sim.engine import END_OF_STEP
 
         out: dict[str, Any] = {}

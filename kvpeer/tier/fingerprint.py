@@ -75,7 +75,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvpeer import PROTOCOL_VERSION
-from kvpeer.fingerprint import Fingerprint
+from kvpeer.api.fingerprint import Fingerprint
 
 if TYPE_CHECKING:
     from vllm.v1.kv_offload.base import OffloadingSpec

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from vllm.v1.kv_offload.tiering.base import JobResult, TransferJob
 
-from kvpeer.server.chunk_source import LookupRefused, PinnedChunks
+from kvpeer.server.peer.chunk_source import LookupRefused, PinnedChunks
 from kvpeer.tier import metrics
 from kvpeer.tier.metrics import TierMetrics
 from kvpeer.tier.outbox import JobOutbox

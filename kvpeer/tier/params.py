@@ -24,8 +24,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kvpeer.endpoint import Endpoint, parse_endpoint
-from kvpeer.errors import ConfigError
+from kvpeer.api.endpoint import Endpoint, parse_endpoint
+from kvpeer.api.errors import ConfigError
 
 MAX_HANDOFF_ID_CHARS = 256
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from vllm.v1.kv_offload.base import LookupResult, ReqContext
 from vllm.v1.kv_offload.tiering.base import JobResult, ParentManager
 
-from kvpeer.server.chunk_source import ChunkSource, LookupRefused, PinnedChunks
+from kvpeer.server.peer.chunk_source import ChunkSource, LookupRefused, PinnedChunks
 from kvpeer.tier.handoff import HandoffRegistry
 from kvpeer.tier.outbox import JobOutbox
 from kvpeer.tier.rows import PrimaryRows

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from vllm.v1.kv_offload.base import LookupResult, ReqContext, TierFilter
 from vllm.v1.kv_offload.tiering.base import ParentManager
 
-from kvpeer.directory_client import DirectoryClient
+from kvpeer.client.directory import DirectoryClient
 
 #: A lookup context that consults the primary tier only: no secondary tier matches.
 _PRIMARY_ONLY = TierFilter(matchers=())

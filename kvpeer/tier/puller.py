@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from vllm.v1.kv_offload.tiering.base import JobResult, TransferJob
 
-from kvpeer.peer_client import PeerClientPool, PullTarget
+from kvpeer.client.peer import PeerClientPool, PullTarget
 from kvpeer.tier import metrics
 from kvpeer.tier.consumer_state import ConsumerState, Lease
 from kvpeer.tier.metrics import TierMetrics

@@ -32,9 +32,9 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 
-from kvpeer.directory_client import DirectoryClient, Holder, Location, longest_run
-from kvpeer.errors import IncompatiblePeerError, KVPeerError, PeerUnavailableError
-from kvpeer.peer_client import PeerClientPool
+from kvpeer.api.errors import IncompatiblePeerError, KVPeerError, PeerUnavailableError
+from kvpeer.client.directory import DirectoryClient, Holder, Location, longest_run
+from kvpeer.client.peer import PeerClientPool
 from kvpeer.tier import metrics
 from kvpeer.tier.consumer_state import ConsumerState, Lease, Pin
 from kvpeer.tier.metrics import TierMetrics

@@ -60,12 +60,12 @@ from vllm.v1.kv_offload.tiering.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from kvpeer.config import TierConfig
-from kvpeer.directory_client import DirectoryClient
-from kvpeer.errors import ConfigError
-from kvpeer.peer_client import PeerClientPool
-from kvpeer.server.peer_server import PeerServer
+from kvpeer.api.errors import ConfigError
+from kvpeer.client.directory import DirectoryClient
+from kvpeer.client.peer import PeerClientPool
+from kvpeer.server.peer.service import PeerServer
 from kvpeer.tier import metrics
+from kvpeer.tier.config import TierConfig
 from kvpeer.tier.consumer_state import ConsumerState
 from kvpeer.tier.fingerprint import engine_hash_identity, tier_fingerprint
 from kvpeer.tier.handoff import HandoffRegistry

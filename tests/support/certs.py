@@ -2,7 +2,7 @@
 
 ``make_certs(tmp_path)`` writes PEM files and returns their paths; the ``tls_*``
 helpers turn them into the ``tls`` config dicts that
-:meth:`kvpeer.security.Security.from_config` reads, so tests configure TLS exactly
+:meth:`kvpeer.api.security.Security.from_config` reads, so tests configure TLS exactly
 as users do. The server certificate names ``localhost`` and ``127.0.0.1``.
 
     certs = make_certs(tmp_path)

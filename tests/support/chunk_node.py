@@ -1,7 +1,7 @@
 """A peer chunk server in its own process, so a test can SIGKILL it mid-transfer.
 
-Run as a script, it serves a :class:`~kvpeer.server.peer_server.PeerServer` over an
-:class:`~kvpeer.server.array_source.ArrayChunkSource` full of the synthetic rows of
+Run as a script, it serves a :class:`~kvpeer.server.peer.service.PeerServer` over an
+:class:`~kvpeer.server.peer.array_source.ArrayChunkSource` full of the synthetic rows of
 :mod:`kvpeer.bench.rows` (so the test knows every byte without receiving it),
 prints one JSON line ``{"port": ...}`` once it serves, and runs until SIGTERM
 (clean stop) or SIGKILL.
@@ -138,10 +138,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--token-file")
     args = parser.parse_args(argv)
 
+    from kvpeer.api.fingerprint import Fingerprint
+    from kvpeer.api.security import Security
     from kvpeer.bench.rows import synthetic_source
-    from kvpeer.fingerprint import Fingerprint
-    from kvpeer.security import Security
-    from kvpeer.server.peer_server import PeerServer
+    from kvpeer.server.peer.service import PeerServer
 
     tls = {
         name: value

@@ -16,10 +16,11 @@ from collections.abc import Callable, Iterator
 import grpc
 import pytest
 
-from kvpeer.fingerprint import Fingerprint
-from kvpeer.server.directory_server import DirectoryServer
-from kvpeer.server.directory_store import MAX_KEYS_PER_NODE, DirectoryStore, MemoryStore
-from kvpeer.server.redis_store import RedisStore
+from kvpeer.api.fingerprint import Fingerprint
+from kvpeer.server.directory.memory_store import MemoryStore
+from kvpeer.server.directory.redis_store import RedisStore
+from kvpeer.server.directory.service import DirectoryServer
+from kvpeer.server.directory.store import MAX_KEYS_PER_NODE, DirectoryStore
 from kvpeer.v1 import directory_pb2 as pb
 from kvpeer.v1 import directory_pb2_grpc
 from tests.support.redis_server import RedisServer

@@ -40,10 +40,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 
-from kvpeer.fingerprint import MAX_INGREDIENT_BYTES, MAX_INGREDIENTS, Fingerprint
-from kvpeer.server.grpc_server import MAX_REQUEST_BYTES
+from kvpeer.api.fingerprint import MAX_INGREDIENT_BYTES, MAX_INGREDIENTS, Fingerprint
+from kvpeer.api.limits import MAX_REQUEST_BYTES
+from kvpeer.api.wire import varint
 from kvpeer.v1 import fingerprint_pb2
-from kvpeer.wire import varint
 
 #: Examples per fuzzed method in the default (CI) run; KVPEER_FUZZ_EXAMPLES overrides it.
 EXAMPLES = int(os.environ.get("KVPEER_FUZZ_EXAMPLES", "200"))
@@ -90,7 +90,7 @@ class FuzzInput:
         printer.text(repr(self))
 
 
-# -- wire encoding (varint: kvpeer.wire) ----------------------------------------------
+# -- wire encoding (varint: kvpeer.api.wire) ----------------------------------------------
 
 
 def tag(field: int, wire_type: int) -> bytes:

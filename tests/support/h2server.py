@@ -14,7 +14,7 @@ preface and frames until the client's request on stream 1 is complete (or, with
 ``answer_at_once``, sends nothing first and answers right away), writes ``reply``, then keeps reading (and discarding) until the
 client leaves, or closes after the reply with ``close_after``, or closes when the
 client starts a second call on the connection with ``close_on_reuse``. Both transports
-(grpcio's and kvpeer.h2pull) open stream 1 first on a fresh connection.
+(grpcio's and kvpeer.transport.pull_client) open stream 1 first on a fresh connection.
 """
 
 from __future__ import annotations

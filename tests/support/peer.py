@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from kvpeer.api.fingerprint import Fingerprint
+from kvpeer.api.security import Security
 from kvpeer.bench.rows import synthetic_rows, synthetic_source
-from kvpeer.fingerprint import Fingerprint
-from kvpeer.peer_client import PeerClient, PullTarget
-from kvpeer.security import Security
-from kvpeer.server.array_source import ArrayChunkSource
-from kvpeer.server.peer_server import PeerServer
+from kvpeer.client.peer import PeerClient, PullTarget
+from kvpeer.server.peer.array_source import ArrayChunkSource
+from kvpeer.server.peer.service import PeerServer
 from tests.support.chunk_node import DEFAULT_INGREDIENTS
 
 #: The fingerprint of every test node (and of :class:`tests.support.chunk_node.ChunkNode`).

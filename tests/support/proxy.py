@@ -23,8 +23,8 @@ from typing import Any, TypeVar
 import aiohttp
 from aiohttp import web
 
-from kvpeer.endpoint import Endpoint
-from kvpeer.proxy import ProxyConfig, ProxyServer
+from kvpeer.api.endpoint import Endpoint
+from kvpeer.proxy.server import ProxyConfig, ProxyServer
 
 T = TypeVar("T")
 

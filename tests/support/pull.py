@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from kvpeer.peer_client import PULL_TRANSPORTS, PeerClient
+from kvpeer.client.peer import PULL_TRANSPORTS, PeerClient
 
 #: What unwritten rows hold, so a test sees which rows a pull touched.
 SENTINEL = 0xA5

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import hpack
 
-from kvpeer import h2frames as h2
+from kvpeer.transport import frames as h2
 from kvpeer.v1 import peer_pb2
 from tests.support.h2server import grpc_message, settings
 

@@ -21,11 +21,10 @@ from typing import NamedTuple
 
 import xxhash
 
-from kvpeer.errors import WireError
+from kvpeer.api.errors import WireError
+from kvpeer.api.limits import MAX_KEY_BYTES
 
 DIGEST_BYTES = 16
-#: Upper bound of a key's length (vLLM keys are 20 or 36 bytes).
-MAX_KEY_BYTES = 64
 #: Upper bound of the bytes :func:`chunk_header` writes before ``data``: tags, the
 #: index varint, a maximal key, the digest and the data length varint. Receivers
 #: size their message limit as ``chunk_bytes + MAX_HEADER_BYTES``.

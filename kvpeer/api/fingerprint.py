@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from kvpeer.errors import WireError
+from kvpeer.api.errors import WireError
 from kvpeer.v1 import fingerprint_pb2
 
 _DIGEST_RE = re.compile(r"[0-9a-f]{32}")

@@ -27,7 +27,7 @@ from typing import Any
 
 import grpc
 
-from kvpeer.errors import ConfigError
+from kvpeer.api.errors import ConfigError
 
 TOKEN_HEADER = "authorization"
 _TLS_KEYS = frozenset({"cert", "key", "ca", "server_name"})

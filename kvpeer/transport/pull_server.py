@@ -10,15 +10,15 @@ plaintext connections, so the kernel's copy is the only one. ``ssl`` has no
 ``sendmsg``: TLS connections send the pieces one after another (OpenSSL copies
 while it encrypts anyway). The bytes on the wire are an ordinary gRPC stream of
 ``kvpeer.v1.Chunk`` messages; grpcio, grpcurl (given the .proto) and
-:mod:`kvpeer.h2pull` read it alike. Handshake, Lookup, Release, health,
+:mod:`kvpeer.transport.pull_client` read it alike. Handshake, Lookup, Release, health,
 reflection, and Pull for clients that dial it, stay on the grpcio port, which
 advertises this one in the handshake (``pull_port``).
 
 The call's meaning is the grpcio servicer's: requests go through
-:meth:`KVPeerServicer.open_pull <kvpeer.server.peer_server.KVPeerServicer.open_pull>`
-and rows come from its :class:`~kvpeer.server.pull_stream.PullStream` (same lease
+:meth:`KVPeerServicer.open_pull <kvpeer.server.peer.service.KVPeerServicer.open_pull>`
+and rows come from its :class:`~kvpeer.transport.pull_stream.PullStream` (same lease
 table, validation, statuses and messages, stats, revocation). Security is the
-server's :class:`~kvpeer.security.Security`: TLS and mutual TLS (ALPN ``h2``),
+server's :class:`~kvpeer.api.security.Security`: TLS and mutual TLS (ALPN ``h2``),
 and the bearer token in ``authorization`` (constant-time compare, UNAUTHENTICATED).
 
 HTTP/2 (RFC 9113), as much as a gRPC server of one method needs:
@@ -81,12 +81,12 @@ from dataclasses import dataclass, field
 import grpc
 import hpack
 
-from kvpeer import h2frames as h2
-from kvpeer.endpoint import Endpoint
-from kvpeer.errors import ConfigError
-from kvpeer.security import TOKEN_HEADER, Security
-from kvpeer.server.grpc_server import MAX_REQUEST_BYTES, status_details
-from kvpeer.server.pull_stream import REVOKED_MESSAGE, PullStream, Refusal
+from kvpeer.api.endpoint import Endpoint
+from kvpeer.api.errors import ConfigError
+from kvpeer.api.limits import MAX_REQUEST_BYTES, status_details
+from kvpeer.api.security import TOKEN_HEADER, Security
+from kvpeer.transport import frames as h2
+from kvpeer.transport.pull_stream import REVOKED_MESSAGE, PullStream, Refusal
 
 log = logging.getLogger(__name__)
 

@@ -45,8 +45,8 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
-from kvpeer.endpoint import Endpoint, parse_endpoint
-from kvpeer.errors import ConfigError
+from kvpeer.api.endpoint import Endpoint, parse_endpoint
+from kvpeer.api.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

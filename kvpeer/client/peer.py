@@ -16,13 +16,13 @@ falls back to recomputing.
 
 Pulls have two transports (``pull_transport``), which behave alike:
 
-- ``"h2"`` (default): :mod:`kvpeer.h2pull`, a minimal HTTP/2 client that
+- ``"h2"`` (default): :mod:`kvpeer.transport.pull_client`, a minimal HTTP/2 client that
   receives each row with ``recv_into`` straight into ``dest`` (the kernel's copy
   only), about twice grpcio's throughput here; each stream has a connection of
   its own, kept for the next pull for a few seconds. It dials the peer's pull
   port, which the handshake advertises (the peer sends rows there without
   copying them), when it reached the peer on the peer's own port, else the port
-  it dialled (see :mod:`kvpeer.h2pull`);
+  it dialled (see :mod:`kvpeer.transport.pull_client`);
 - ``"grpc"``: grpcio's stream; each row is copied once from gRPC's message into
   ``dest`` (numpy, so the GIL is released and streams copy in parallel).
 
@@ -35,28 +35,40 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 import numpy as np
 
 from kvpeer import PROTOCOL_VERSION
-from kvpeer.endpoint import parse_endpoint
-from kvpeer.errors import (
+from kvpeer.api.endpoint import parse_endpoint
+from kvpeer.api.errors import (
     ConfigError,
     IncompatiblePeerError,
     KVPeerError,
     PeerUnavailableError,
     WireError,
 )
-from kvpeer.fingerprint import Fingerprint
-from kvpeer.h2conn import CallError
-from kvpeer.h2pull import H2PullTransport
-from kvpeer.security import Security
+from kvpeer.api.fingerprint import Fingerprint
+from kvpeer.api.security import Security
+from kvpeer.api.wire import MAX_HEADER_BYTES, digest
+from kvpeer.client.pull_job import GrpcRowStream, PullJob, PullResult, PullTarget, RowStream
+from kvpeer.transport.connection import CallError
+from kvpeer.transport.pull_client import H2PullTransport
 from kvpeer.v1 import peer_pb2
-from kvpeer.wire import MAX_HEADER_BYTES, ChunkHeader, decode_chunk, digest
+
+__all__ = [
+    "PULL_TRANSPORTS",
+    "LookupAnswer",
+    "PeerClient",
+    "PeerClientPool",
+    "PeerInfo",
+    "PullResult",
+    "PullTarget",
+    "channel_options",
+]
 
 log = logging.getLogger(__name__)
 
@@ -93,42 +105,6 @@ class LookupAnswer:
     lease_id: str
     hits: list[bool]
     lease_ttl_s: float
-
-
-@dataclass(frozen=True)
-class PullTarget:
-    """Where one row goes: ``index`` into the lookup's keys, its ``key``, and ``dest``.
-
-    ``dest`` is a writable, C-contiguous, 1-D byte view (format ``B``, ``b`` or
-    ``c``) of exactly ``chunk_bytes`` bytes, e.g. ``primary.cast("B")[a:b]``.
-    """
-
-    index: int
-    key: bytes
-    dest: memoryview
-
-
-@dataclass
-class PullResult:
-    """Outcome of one pull.
-
-    ``loaded[i]`` is True only when target ``i``'s row arrived whole, its key
-    matched and the digest of the bytes as written in its ``dest`` matched. The
-    bytes of a ``dest`` whose flag is False are undefined (partly or wrongly
-    written, or untouched). ``error`` is the first failure, readable, or None.
-    ``corrupt`` counts the rows that arrived whole but failed their digest check
-    (damaged in transit); they are not loaded.
-    """
-
-    loaded: list[bool]
-    bytes_loaded: int = 0
-    seconds: float = 0.0
-    error: str | None = None
-    corrupt: int = 0
-
-    @property
-    def complete(self) -> bool:
-        return self.error is None and all(self.loaded)
 
 
 class PeerClient:
@@ -323,7 +299,7 @@ class PeerClient:
         if len({t.index for t in targets}) != len(targets):
             raise ValueError("two pull targets name the same index")
         count = max(1, min(streams, len(targets)))
-        job = _PullJob(self.endpoint, len(targets), count)
+        job = PullJob(self.endpoint, len(targets), count)
         try:
             if targets:
                 self._run_streams(lease_id, targets, dests, count, timeout_s, cancel, job)
@@ -408,7 +384,7 @@ class PeerClient:
         streams: int,
         timeout_s: float,
         cancel: threading.Event | None,
-        job: _PullJob,
+        job: PullJob,
     ) -> None:
         deadline = time.monotonic() + timeout_s
         groups = [range(s, len(targets), streams) for s in range(streams)]
@@ -440,7 +416,7 @@ class PeerClient:
         dests: list[np.ndarray],
         positions: range,
         deadline: float,
-        job: _PullJob,
+        job: PullJob,
     ) -> None:
         """One Pull call for ``positions``; runs on its own thread (or the caller's).
 
@@ -450,7 +426,7 @@ class PeerClient:
         """
         pending = {targets[p].index: p for p in positions}
         request = peer_pb2.PullRequest(lease_id=lease_id, indices=list(pending))
-        call: _RowStream | None = None
+        call: RowStream | None = None
         try:
             call = self._start_pull(request.SerializeToString(), deadline)
             if not job.track(call):
@@ -497,125 +473,11 @@ class PeerClient:
                 call.close()
             job.stream_done()
 
-    def _start_pull(self, request: bytes, deadline: float) -> _RowStream:
+    def _start_pull(self, request: bytes, deadline: float) -> RowStream:
         if self._h2 is not None:
             return self._h2.start(request, deadline)
         rpc = self._pull_rpcs[next(self._next_channel) % len(self._pull_rpcs)]
-        return _GrpcRowStream(rpc(request, timeout=max(0.0, deadline - time.monotonic())))
-
-
-class _RowStream(Protocol):
-    """One Pull call as :meth:`PeerClient._stream` reads it, whatever the transport.
-
-    Iterating yields each row's header; the row's data is then read into its
-    destination (:meth:`read_into`) or dropped (:meth:`skip`) before the next.
-    :meth:`cancel` may be called from any thread; :meth:`close` ends the call.
-    """
-
-    def __iter__(self) -> Iterator[ChunkHeader]: ...
-
-    def read_into(self, dest: np.ndarray) -> None: ...
-
-    def skip(self) -> None: ...
-
-    def cancel(self) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class _GrpcRowStream:
-    """A grpcio Pull call as a :class:`_RowStream`: each message is decoded in place, then copied."""
-
-    def __init__(self, call: grpc.Call) -> None:
-        self._call = call
-        self._data: memoryview | None = None
-
-    def __iter__(self) -> Iterator[ChunkHeader]:
-        for message in self._call:
-            frame = decode_chunk(message)
-            self._data = frame.data
-            yield ChunkHeader(frame.index, frame.key, frame.digest, len(frame.data))
-
-    def read_into(self, dest: np.ndarray) -> None:
-        np.copyto(dest, np.frombuffer(self._data, dtype=np.uint8))  # releases the GIL
-        self._data = None
-
-    def skip(self) -> None:
-        self._data = None
-
-    def cancel(self) -> None:
-        self._call.cancel()
-
-    def close(self) -> None:
-        self._data = None
-        self._call.cancel()  # a no-op once the call ended
-
-
-class _PullJob:
-    """Shared state of one pull's streams: flags, first error, calls to cancel.
-
-    Stream threads report through it; the caller's thread waits on :attr:`finished`
-    and may :meth:`cancel`. One lock guards everything.
-    """
-
-    def __init__(self, endpoint: str, size: int, streams: int) -> None:
-        self.endpoint = endpoint
-        self.finished = threading.Event()
-        self._lock = threading.Lock()
-        self._loaded = [False] * size
-        self._bytes = 0
-        self._corrupt = 0
-        self._error: str | None = None
-        self._calls: list[_RowStream] = []
-        self._cancelled = False
-        self._running = streams
-
-    def track(self, call: _RowStream) -> bool:
-        """Remember a started call so :meth:`cancel` can stop it; False if already cancelled."""
-        with self._lock:
-            if not self._cancelled:
-                self._calls.append(call)
-                return True
-        call.cancel()
-        return False
-
-    def loaded(self, position: int, nbytes: int) -> None:
-        with self._lock:
-            self._loaded[position] = True
-            self._bytes += nbytes
-
-    def fail(self, message: str) -> None:
-        with self._lock:
-            if self._error is None:
-                self._error = message
-
-    def corrupt(self, message: str) -> None:
-        """A row failed its digest check: count it, and fail with ``message``."""
-        with self._lock:
-            self._corrupt += 1
-        self.fail(message)
-
-    def cancel(self, reason: str) -> None:
-        with self._lock:
-            self._cancelled = True
-            if self._error is None:
-                self._error = reason
-            calls = list(self._calls)
-        for call in calls:
-            call.cancel()
-
-    def stream_done(self) -> None:
-        with self._lock:
-            self._running -= 1
-            if self._running == 0:
-                self.finished.set()
-
-    def result(self, seconds: float) -> PullResult:
-        with self._lock:
-            error = None if self._error is None else f"pull from {self.endpoint}: {self._error}"
-            return PullResult(
-                list(self._loaded), self._bytes, seconds, error, corrupt=self._corrupt
-            )
+        return GrpcRowStream(rpc(request, timeout=max(0.0, deadline - time.monotonic())))
 
 
 def channel_options(chunk_bytes: int) -> list[tuple[str, Any]]:

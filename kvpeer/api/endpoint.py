@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-from kvpeer.errors import ConfigError
+from kvpeer.api.errors import ConfigError
 
 _HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9\-._]*[A-Za-z0-9])?")
 #: An IPv6 literal between brackets, with an optional zone (``fe80::1%eth0``).

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 
 import grpc
 
-from kvpeer.endpoint import parse_endpoint
-from kvpeer.errors import ConfigError
-from kvpeer.fingerprint import Fingerprint
-from kvpeer.security import Security
-from kvpeer.server.directory_store import MAX_KEY_BYTES, MAX_KEYS_PER_CALL
+from kvpeer.api.endpoint import parse_endpoint
+from kvpeer.api.errors import ConfigError
+from kvpeer.api.fingerprint import Fingerprint
+from kvpeer.api.limits import MAX_KEY_BYTES, MAX_KEYS_PER_CALL
+from kvpeer.api.security import Security
 from kvpeer.v1 import directory_pb2 as pb
 from kvpeer.v1 import directory_pb2_grpc
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvpeer.errors import KVPeerError
-from kvpeer.server.chunk_source import ChunkSource, PinnedChunks
+from kvpeer.api.errors import KVPeerError
+from kvpeer.server.peer.chunk_source import ChunkSource, PinnedChunks
 
 
 class RowPinnedError(KVPeerError):

@@ -1,6 +1,6 @@
 """HTTP/2 and gRPC-over-HTTP/2 constants and framing helpers shared by both ends of a Pull.
 
-:mod:`kvpeer.h2conn` (the pull client) and :mod:`kvpeer.server.pull_server` (the
+:mod:`kvpeer.transport.connection` (the pull client) and :mod:`kvpeer.transport.pull_server` (the
 fast Pull listener) speak the same small part of RFC 9113 and of gRPC's HTTP/2
 mapping (https://github.com/grpc/grpc/blob/master/doc/PROTOCOL-HTTP2.md); the
 numbers, the frame layout and gRPC's header encodings live here once.

@@ -3,7 +3,7 @@
 vLLM passes every key of the tier's dict (except ``type``, ``module_path`` and
 ``backpressure``) to the tier's constructor; :meth:`TierConfig.from_kwargs`
 validates them all at start-up. Unknown keys and bad values raise
-:class:`~kvpeer.errors.ConfigError` naming the key, so a typo fails
+:class:`~kvpeer.api.errors.ConfigError` naming the key, so a typo fails
 ``vllm serve`` at once instead of silently disabling sharing.
 
 This module does not import vLLM: the compose checks and ``kvpeer inspect`` use
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from kvpeer import DEFAULT_PEER_PORT
-from kvpeer.endpoint import Endpoint, parse_endpoint
-from kvpeer.errors import ConfigError
-from kvpeer.security import Security
+from kvpeer.api.endpoint import Endpoint, parse_endpoint
+from kvpeer.api.errors import ConfigError
+from kvpeer.api.security import Security
 
 _LOCALITIES = ("LOCAL", "REMOTE")
 

@@ -1,6 +1,6 @@
 """A minimal HTTP/2 client connection for gRPC server-streaming calls, one call at a time.
 
-:mod:`kvpeer.h2pull` runs ``KVPeer.Pull`` over it. It speaks what such a call
+:mod:`kvpeer.transport.pull_client` runs ``KVPeer.Pull`` over it. It speaks what such a call
 needs (RFC 9113, gRPC over HTTP/2) and reads message bytes straight into the
 caller's buffers with ``recv_into``, so the kernel copies every byte once and
 Python never does:
@@ -20,7 +20,7 @@ call ended cleanly may carry the next (:attr:`H2Connection.reusable`), which
 saves a TCP (and TLS) handshake per call. Failures raise :class:`CallError` with
 the status names grpc uses (the server's status, UNAVAILABLE for a connection
 that fails or closes, DEADLINE_EXCEEDED, CANCELLED), or
-:class:`~kvpeer.errors.WireError` for bytes that break HTTP/2 or gRPC framing.
+:class:`~kvpeer.api.errors.WireError` for bytes that break HTTP/2 or gRPC framing.
 
 Bounds against a hostile server: a frame other than DATA may have at most 64 KiB,
 a header block 64 KiB (HPACK's table stays at its 4 KiB default), a DATA frame
@@ -45,9 +45,9 @@ from typing import TypeVar
 import grpc
 import hpack
 
-from kvpeer import h2frames as h2
-from kvpeer.endpoint import Endpoint
-from kvpeer.errors import KVPeerError, WireError
+from kvpeer.api.endpoint import Endpoint
+from kvpeer.api.errors import KVPeerError, WireError
+from kvpeer.transport import frames as h2
 
 _T = TypeVar("_T")
 

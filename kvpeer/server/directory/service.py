@@ -36,15 +36,15 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from kvpeer import DEFAULT_DIRECTORY_PORT
-from kvpeer.endpoint import Endpoint, parse_endpoint
-from kvpeer.errors import ConfigError, WireError
-from kvpeer.fingerprint import Fingerprint, is_digest
-from kvpeer.security import Security
-from kvpeer.server.directory_store import (
-    MAX_KEYS_PER_CALL,
+from kvpeer.api.endpoint import Endpoint, parse_endpoint
+from kvpeer.api.errors import ConfigError, WireError
+from kvpeer.api.fingerprint import Fingerprint, is_digest
+from kvpeer.api.limits import MAX_KEYS_PER_CALL, status_details
+from kvpeer.api.security import Security
+from kvpeer.server.directory.memory_store import MemoryStore
+from kvpeer.server.directory.store import (
     MAX_NODE_ID_CHARS,
     DirectoryStore,
-    MemoryStore,
     StaleEpochError,
     StoreError,
     StoreUnavailableError,
@@ -52,7 +52,7 @@ from kvpeer.server.directory_store import (
     UnknownNodeError,
     check_keys,
 )
-from kvpeer.server.grpc_server import GrpcServer, Service, status_details
+from kvpeer.server.grpc_server import GrpcServer, Service
 from kvpeer.v1 import directory_pb2 as pb
 from kvpeer.v1 import directory_pb2_grpc
 

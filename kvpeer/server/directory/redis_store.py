@@ -44,9 +44,9 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from kvpeer.errors import ConfigError
-from kvpeer.fingerprint import Fingerprint
-from kvpeer.server.directory_store import (
+from kvpeer.api.errors import ConfigError
+from kvpeer.api.fingerprint import Fingerprint
+from kvpeer.server.directory.store import (
     MAX_KEYS_PER_NODE,
     DirectoryStore,
     Located,
@@ -365,7 +365,7 @@ class RedisStore(DirectoryStore):
         """Keys as one argument (see unpack_keys): far cheaper to send than one per key.
 
         The format holds up to 65,535 keys of up to 255 bytes; batches are smaller
-        (see :func:`~kvpeer.server.directory_store.check_keys`).
+        (see :func:`~kvpeer.server.directory.store.check_keys`).
         """
         return len(keys).to_bytes(2, "big") + bytes(map(len, keys)) + b"".join(keys)
 

@@ -4,12 +4,12 @@
 (``proto/kvpeer/v1/peer.proto``); :class:`PeerServer` runs it through
 :class:`~kvpeer.server.grpc_server.GrpcServer`, which adds TLS, the bearer token,
 health and reflection, and by default also runs
-:class:`~kvpeer.server.pull_server.PullServer` on a second port: Pull alone,
+:class:`~kvpeer.transport.pull_server.PullServer` on a second port: Pull alone,
 with zero-copy sends, advertised in the handshake (``pull_port``).
 
 Two choices keep the data plane fast and the server robust:
 
-- Pull answers with bytes framed by :mod:`kvpeer.wire` and an identity response
+- Pull answers with bytes framed by :mod:`kvpeer.api.wire` and an identity response
   serializer: each row goes from the pinned memoryview into the message in one
   copy, never through a protobuf object (on the pull port: in no copy at all).
 - Requests arrive as raw bytes and are parsed here, so a malformed message gets
@@ -33,18 +33,19 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from kvpeer import PROTOCOL_VERSION
-from kvpeer.endpoint import Endpoint
-from kvpeer.errors import WireError
-from kvpeer.fingerprint import Fingerprint
-from kvpeer.security import Security
-from kvpeer.server.chunk_source import ChunkSource, LookupRefused
-from kvpeer.server.grpc_server import GrpcServer, Service, status_details
-from kvpeer.server.leases import Lease, LeaseNotFound, LeaseTable, TooManyLeases
-from kvpeer.server.pull_server import STATS_KEYS as PULL_STATS_KEYS
-from kvpeer.server.pull_server import PullServer, PullServerOptions
-from kvpeer.server.pull_stream import REVOKED_MESSAGE, PullStream, Refusal
+from kvpeer.api.endpoint import Endpoint
+from kvpeer.api.errors import WireError
+from kvpeer.api.fingerprint import Fingerprint
+from kvpeer.api.limits import MAX_KEY_BYTES, status_details
+from kvpeer.api.security import Security
+from kvpeer.api.wire import MAX_HEADER_BYTES
+from kvpeer.server.grpc_server import GrpcServer, Service
+from kvpeer.server.peer.chunk_source import ChunkSource, LookupRefused
+from kvpeer.server.peer.leases import Lease, LeaseNotFound, LeaseTable, TooManyLeases
+from kvpeer.transport.pull_server import STATS_KEYS as PULL_STATS_KEYS
+from kvpeer.transport.pull_server import PullServer, PullServerOptions
+from kvpeer.transport.pull_stream import REVOKED_MESSAGE, PullStream, Refusal
 from kvpeer.v1 import peer_pb2
-from kvpeer.wire import MAX_HEADER_BYTES, MAX_KEY_BYTES
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from kvpeer.errors import KVPeerError
-from kvpeer.server.chunk_source import PinnedChunks
+from kvpeer.api.errors import KVPeerError
+from kvpeer.server.peer.chunk_source import PinnedChunks
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ holds and, for a lease, to keep those rows pinned: their bytes must not change
 until the pin is released, because Pull streams straight out of them without
 copying them first. Two sources exist:
 
-- :class:`kvpeer.server.array_source.ArrayChunkSource`: a standalone buffer of
+- :class:`kvpeer.server.peer.array_source.ArrayChunkSource`: a standalone buffer of
   ``num_chunks x chunk_bytes`` (numpy or shared memory) keyed by opaque bytes;
   used by the benchmarks, the demo's raw mode and the tests of the server itself;
 - :class:`kvpeer.tier.primary_source.PrimaryChunkSource`: vLLM's primary tier,

@@ -3,12 +3,12 @@
 grpcio's Python receive path copies every message twice under the GIL (slices,
 then pieces, then one joined ``bytes``), which held a pull to about a third of
 what a socket carries between two processes here. This client runs the Pull call
-over :mod:`kvpeer.h2conn`, a minimal HTTP/2 connection, and reads each
+over :mod:`kvpeer.transport.connection`, a minimal HTTP/2 connection, and reads each
 ``Chunk``'s ``data`` with ``recv_into`` straight into the caller's row: the
 kernel copies every byte once, Python never.
 
 Where it dials: a peer server also serves Pull alone on a second port with
-zero-copy sends (:mod:`kvpeer.server.pull_server`) and advertises it in the
+zero-copy sends (:mod:`kvpeer.transport.pull_server`) and advertises it in the
 handshake (``pull_port``). :meth:`H2PullTransport.use_pull_port` adopts it when
 the client reached the peer on the peer's own port; a client that dialled
 another port goes through a relay or a port mapping that would not carry the
@@ -28,9 +28,9 @@ turns out closed before the server answered, the call runs again once on a new
 connection (a Pull reads pinned rows, so repeating it is harmless).
 
 Each message must be one row: a ``Chunk`` header of at most
-:data:`~kvpeer.wire.MAX_HEADER_BYTES` then exactly ``chunk_bytes`` of ``data``,
-uncompressed; anything else raises :class:`~kvpeer.errors.WireError`. Checking
-indices, keys and digests is the caller's job (:class:`~kvpeer.peer_client.PeerClient`
+:data:`~kvpeer.api.wire.MAX_HEADER_BYTES` then exactly ``chunk_bytes`` of ``data``,
+uncompressed; anything else raises :class:`~kvpeer.api.errors.WireError`. Checking
+indices, keys and digests is the caller's job (:class:`~kvpeer.client.peer.PeerClient`
 does it for both transports).
 """
 
@@ -44,12 +44,12 @@ from collections.abc import Callable
 import hpack
 
 from kvpeer import __version__
-from kvpeer import h2frames as h2
-from kvpeer.endpoint import Endpoint
-from kvpeer.errors import WireError
-from kvpeer.h2conn import CallError, ConnectFailed, H2Connection
-from kvpeer.security import TOKEN_HEADER, Security
-from kvpeer.wire import MAX_HEADER_BYTES, ChunkHeader, decode_chunk_header
+from kvpeer.api.endpoint import Endpoint
+from kvpeer.api.errors import WireError
+from kvpeer.api.security import TOKEN_HEADER, Security
+from kvpeer.api.wire import MAX_HEADER_BYTES, ChunkHeader, decode_chunk_header
+from kvpeer.transport import frames as h2
+from kvpeer.transport.connection import CallError, ConnectFailed, H2Connection
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +204,8 @@ class H2PullCall:
             call.close()
 
     Iteration stops at the server's OK status. Any other ending raises
-    :class:`~kvpeer.h2conn.CallError` (the server's status, or UNAVAILABLE,
-    DEADLINE_EXCEEDED, CANCELLED), or :class:`~kvpeer.errors.WireError` when the
+    :class:`~kvpeer.transport.connection.CallError` (the server's status, or UNAVAILABLE,
+    DEADLINE_EXCEEDED, CANCELLED), or :class:`~kvpeer.api.errors.WireError` when the
     server breaks HTTP/2, gRPC or ``Chunk`` framing. A row's data must be read or
     skipped before the next iteration.
 

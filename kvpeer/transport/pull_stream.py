@@ -1,24 +1,39 @@
 """One Pull's reading of a lease's pinned rows, shared by both listeners that serve Pull.
 
-:meth:`KVPeerServicer.open_pull <kvpeer.server.peer_server.KVPeerServicer.open_pull>`
+:meth:`KVPeerServicer.open_pull <kvpeer.server.peer.service.KVPeerServicer.open_pull>`
 validates a request and returns a :class:`PullStream`; the grpcio servicer
-(:mod:`kvpeer.server.peer_server`) and the fast Pull listener
-(:mod:`kvpeer.server.pull_server`) both send its rows, so leases, statuses, stats
+(:mod:`kvpeer.server.peer.service`) and the fast Pull listener
+(:mod:`kvpeer.transport.pull_server`) both send its rows, so leases, statuses, stats
 and revocation behave the same on either port.
+
+The stream reads any :class:`PinnedRows` (the chunk server's
+:class:`~kvpeer.server.peer.leases.Lease` is one), so the transport does not
+depend on the chunk server that uses it.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Protocol
 
 import grpc
 
-from kvpeer.server.leases import Lease
-from kvpeer.wire import chunk_header, digest
+from kvpeer.api.wire import chunk_header, digest
 
 #: How a Pull whose lease was revoked ends (UNAVAILABLE), on either listener.
 REVOKED_MESSAGE = "the node took its chunks back (KV cache reset): look the keys up again"
+
+
+class PinnedRows(Protocol):
+    """Rows that stay pinned while a :class:`PullStream` reads them."""
+
+    #: The key of each row, by index.
+    keys: tuple[bytes, ...]
+
+    def row(self, index: int) -> memoryview:
+        """Row ``index``'s pinned bytes (readable until the pin is released)."""
+        ...
 
 
 class Refusal(Exception):
@@ -48,7 +63,7 @@ class PullStream:
 
     def __init__(
         self,
-        lease: Lease,
+        lease: PinnedRows,
         indices: list[int],
         end_pull: Callable[[PullStream], None],
         count: Callable[[str, int], None],

@@ -1,0 +1,11 @@
+"""The directory service: which node holds which chunk key.
+
+- :mod:`.service`: the servicer (Join, Heartbeat, Publish, Withdraw, Locate, Leave,
+  ListNodes, Stats) and :class:`~kvpeer.server.directory.service.DirectoryServer`
+  (its sweeper, ``/metrics``);
+- :mod:`.store`: the contract every store keeps (epochs, fencing, namespaces, errors);
+- :mod:`.memory_store` and :mod:`.redis_store`: the two stores;
+- :mod:`.stores`: the store a ``--store`` spec names.
+
+The stores depend on :mod:`.store` only, never on each other.
+"""
