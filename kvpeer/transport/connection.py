@@ -17,9 +17,10 @@ Python never does:
 
 Calls run one after another on streams 1, 3, 5, ...; a connection whose last
 call ended cleanly may carry the next (:attr:`H2Connection.reusable`), which
-saves a TCP (and TLS) handshake per call. Failures raise :class:`CallError` with
-the status names grpc uses (the server's status, UNAVAILABLE for a connection
-that fails or closes, DEADLINE_EXCEEDED, CANCELLED), or
+saves a TCP (and TLS) handshake per call. Failures raise
+:class:`~kvpeer.transport.call_status.CallError` with the status names grpc uses
+(the server's status, UNAVAILABLE for a connection that fails or closes,
+DEADLINE_EXCEEDED, CANCELLED; :mod:`~kvpeer.transport.call_status` maps them), or
 :class:`~kvpeer.api.errors.WireError` for bytes that break HTTP/2 or gRPC framing.
 
 Bounds against a hostile server: a frame other than DATA may have at most 64 KiB,
@@ -42,34 +43,20 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-import grpc
 import hpack
 
 from kvpeer.api.endpoint import Endpoint
-from kvpeer.api.errors import KVPeerError, WireError
+from kvpeer.api.errors import WireError
 from kvpeer.transport import frames as h2
+from kvpeer.transport.call_status import (  # CallError, ConnectFailed: importable from here too
+    RESET_STATUS,
+    CallError,
+    ConnectFailed,
+    check_response_head,
+    grpc_status,
+)
 
 _T = TypeVar("_T")
-
-#: How grpc maps an RST_STREAM error code to a status (others are INTERNAL).
-_RESET_STATUS = {
-    h2.REFUSED_STREAM: "UNAVAILABLE",
-    h2.CANCEL: "CANCELLED",
-    h2.ENHANCE_YOUR_CALM: "RESOURCE_EXHAUSTED",
-    12: "PERMISSION_DENIED",  # INADEQUATE_SECURITY
-}
-#: How grpc maps a response's HTTP status to a status when it has no grpc-status.
-_HTTP_STATUS = {
-    "400": "INTERNAL",
-    "401": "UNAUTHENTICATED",
-    "403": "PERMISSION_DENIED",
-    "404": "UNIMPLEMENTED",
-    "429": "UNAVAILABLE",
-    "502": "UNAVAILABLE",
-    "503": "UNAVAILABLE",
-    "504": "UNAVAILABLE",
-}
-_STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 #: Our receive window, per stream and for the connection. Bytes go straight to
 #: their destination, so the window only bounds what is in flight.
@@ -82,22 +69,6 @@ MAX_DATA_FRAME = h2.MAX_FRAME
 #: Largest frame of any other type, and largest header block (HEADERS + CONTINUATION).
 MAX_CONTROL_FRAME = 1 << 16
 MAX_HEADER_BLOCK = 1 << 16
-
-
-class CallError(KVPeerError):
-    """A call ended with a status other than OK, named as grpc names it.
-
-    ``str(error)`` is ``"CODE: details"``, like grpc's errors.
-    """
-
-    def __init__(self, code: str, details: str) -> None:
-        super().__init__(f"{code}: {details}")
-        self.code = code
-        self.details = details
-
-
-class ConnectFailed(CallError):
-    """UNAVAILABLE before any byte was sent: no TCP connection (refused, unreachable)."""
 
 
 class H2Connection:
@@ -473,23 +444,12 @@ class H2Connection:
         ends = bool(flags & h2.END_STREAM)
         if not self._response_started:
             self._response_started = True
-            self._check_response(fields, trailers_only=ends)
+            check_response_head(fields, self.endpoint, trailers_only=ends)
         elif not ends:
             raise WireError("a second header block that does not end the stream")
         if ends:
             self._stream_ended = True
-            self._status = _grpc_status(fields)
-
-    def _check_response(self, fields: dict[str, str], *, trailers_only: bool) -> None:
-        status = fields.get(":status", "")
-        if trailers_only and "grpc-status" in fields:
-            return
-        if status != "200":
-            code = _HTTP_STATUS.get(status, "UNKNOWN")
-            raise CallError(code, f"{self.endpoint} answered HTTP status {status!r}")
-        content_type = fields.get("content-type", "")
-        if not content_type.startswith("application/grpc"):
-            raise WireError(f"the response's content-type is {content_type!r}, not gRPC")
+            self._status = grpc_status(fields)
 
     def _on_reset(self, payload: memoryview, stream: int) -> None:
         if len(payload) != 4 or stream == 0:
@@ -500,7 +460,7 @@ class H2Connection:
         name = h2.error_name(code)
         self._broken = True
         raise CallError(
-            _RESET_STATUS.get(code, "INTERNAL"), f"{self.endpoint} reset the stream ({name})"
+            RESET_STATUS.get(code, "INTERNAL"), f"{self.endpoint} reset the stream ({name})"
         )
 
     def _on_goaway(self, payload: memoryview) -> None:
@@ -592,18 +552,6 @@ class H2Connection:
         if timed_out or time.monotonic() >= self._deadline:
             return CallError("DEADLINE_EXCEEDED", f"the call to {self.endpoint} ran out of time")
         return CallError("UNAVAILABLE", reason)
-
-
-def _grpc_status(fields: dict[str, str]) -> tuple[str, str]:
-    """(status name, message) from trailers; a missing or bad grpc-status is UNKNOWN."""
-    message = h2.decode_grpc_message(fields.get("grpc-message", ""))
-    raw = fields.get("grpc-status")
-    if raw is None:
-        return "UNKNOWN", f"no grpc-status in the trailers {message}".strip()
-    try:
-        return _STATUS_NAMES[int(raw)], message
-    except (ValueError, KeyError):
-        return "UNKNOWN", f"grpc-status {raw[:32]!r} is not a status code {message}".strip()
 
 
 def _reason(exc: OSError) -> str:

@@ -1,4 +1,4 @@
-"""Hostile-input kit for ``tests/test_fuzz.py``: adversarial messages, byte mutations, raw calls.
+"""Hostile-input kit for the ``tests/test_fuzz_*.py`` modules: adversarial messages, mutations, raw calls.
 
 Everything works on serialized bytes, so a test sends anything — valid, mutated or
 random — on a method through a channel with no serializer, as a hostile client
@@ -17,26 +17,34 @@ would. Three input classes, each a hypothesis strategy of :class:`FuzzInput`
 - ``random``: random bytes, short or around :data:`MAX_REQUEST_BYTES`.
 
 :class:`Tally` counts inputs and statuses per method for the report that
-``KVPEER_FUZZ_REPORT`` names; ``KVPEER_FUZZ_EXAMPLES`` scales every run.
+``KVPEER_FUZZ_REPORT`` names (a JSON file); ``KVPEER_FUZZ_EXAMPLES`` (default
+200) scales every run. The fuzz modules share one :data:`TALLY`, reported once
+per session by the :func:`fuzz_report` fixture (each module has
+``pytestmark = pytest.mark.usefixtures("fuzz_report")``; ``tests/conftest.py``
+registers this module as a plugin), and the checks of a service model
+(:func:`request_or_refusal`, :func:`expect`, :func:`single_response`,
+:func:`fuzz_method`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
+import pytest
 from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import Message
-from hypothesis import HealthCheck, settings
+from google.protobuf.message import DecodeError, Message
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 
@@ -509,3 +517,83 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+# -- shared by the fuzz modules ---------------------------------------------------------
+
+Code = grpc.StatusCode
+#: Inputs and statuses of every fuzz module in this session (one report).
+TALLY = Tally()
+#: Options of the fuzzing clients' channels: no limit on what the servers answer.
+UNLIMITED = [("grpc.max_receive_message_length", -1)]
+#: Memory a server process may gain over a fuzz run before it counts as a leak.
+RSS_GROWTH_LIMIT = 64 << 20
+#: Inputs per method before the first RSS reading (allocator and caches settle), and after.
+WARM_UP_EXAMPLES = max(1, EXAMPLES // 8)
+RSS_EXAMPLES = max(1, EXAMPLES // 2)
+
+
+@pytest.fixture(scope="session")
+def fuzz_report(request: pytest.FixtureRequest) -> Iterator[Tally]:
+    """Prints the inputs tried per method at the session's end, and writes KVPEER_FUZZ_REPORT.
+
+    Each fuzz module uses it: ``pytestmark = pytest.mark.usefixtures("fuzz_report")``.
+    """
+    yield TALLY
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        print("\n" + "\n".join(TALLY.lines()))
+    if REPORT_PATH:
+        TALLY.write(REPORT_PATH)
+
+
+def request_or_refusal(cls: type[Message], fuzz: FuzzInput, outcome: Outcome) -> Message | None:
+    """The request as the server parsed it; None after checking the status of one it could not.
+
+    Bodies above the request limit must end RESOURCE_EXHAUSTED (gRPC's own check),
+    bodies that do not parse INVALID_ARGUMENT naming the message.
+    """
+    if len(fuzz.body) > MAX_REQUEST_BYTES:
+        assert outcome.code == Code.RESOURCE_EXHAUSTED, (outcome.code, outcome.details)
+        return None
+    try:
+        return cls.FromString(fuzz.body)
+    except DecodeError:
+        assert outcome.code == Code.INVALID_ARGUMENT, (outcome.code, outcome.details)
+        assert "malformed" in outcome.details, outcome.details
+        return None
+
+
+def expect(outcome: Outcome, code: Code, fuzz: FuzzInput) -> None:
+    assert outcome.code == code, (
+        f"expected {code.name}, got {outcome.code.name} {outcome.details[:300]!r} for {fuzz!r}"
+    )
+
+
+def single_response(cls: type[Message], outcome: Outcome) -> Message:
+    (raw,) = outcome.messages
+    return cls.FromString(raw)
+
+
+class ServiceModel(Protocol):
+    """A fuzz module's model of a service: the inputs of a method, and the check of each answer."""
+
+    def inputs(self, method: str) -> SearchStrategy[FuzzInput]: ...
+
+    def send(self, method: str, fuzz: FuzzInput, target: str) -> None: ...
+
+
+def fuzz_method(model: ServiceModel, method: str, target: str, examples: int) -> None:
+    """Send ``examples`` hypothesis-drawn inputs on ``method`` through ``model``'s checks."""
+
+    @fuzz_settings(examples)
+    @given(model.inputs(method))
+    def run(fuzz: FuzzInput) -> None:
+        model.send(method, fuzz, target)
+
+    run()
+
+
+def record_rss(what: str, before: int, after: int) -> None:
+    """Note a server process's RSS before and after a run in the report."""
+    TALLY.notes[f"{what} RSS MiB before -> after"] = f"{before / 2**20:.1f} -> {after / 2**20:.1f}"
