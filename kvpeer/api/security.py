@@ -12,6 +12,11 @@ directory), so a cluster is configured with one set of PEM files and one token:
   from the host dialled (e.g. dialling 127.0.0.1 with a certificate for ``kvpeer``);
 - ``auth_token_file``: a bearer token; servers answer UNAUTHENTICATED to calls
   without it, clients send it on every call.
+
+Who a caller is and what it may do (``tls.identity``, ``tls.identity_map``,
+``read_only_token_file``, ``node_tokens``) is :mod:`kvpeer.api.identity`'s
+:class:`~kvpeer.api.identity.AccessPolicy`, held in :attr:`Security.access`.
+Without those settings every admitted caller is trusted as any node.
 """
 
 from __future__ import annotations
@@ -21,16 +26,18 @@ import ssl
 import tempfile
 from collections import namedtuple
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from kvpeer.api import cert_reload
 from kvpeer.api.errors import ConfigError
+from kvpeer.api.identity import AccessPolicy
 
 TOKEN_HEADER = "authorization"
-_TLS_KEYS = frozenset({"cert", "key", "ca", "server_name"})
+_TLS_KEYS = frozenset({"cert", "key", "ca", "server_name", "identity", "identity_map"})
 # Health checks stay open so orchestrators can probe without the token.
 _UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/",)
 
@@ -55,6 +62,11 @@ class TLSFiles:
     key: bytes | None = None
     ca: bytes | None = None
     server_name: str | None = None
+    #: ``tls.identity`` / ``tls.identity_map`` as given (read by AccessPolicy.from_config).
+    identity: str | None = None
+    identity_map: str | None = None
+    #: (name, path) of each PEM file read, so servers can reload them (certificate rotation).
+    paths: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_config(cls, value: object, key: str = "tls") -> TLSFiles:
@@ -81,7 +93,14 @@ class TLSFiles:
         server_name = value.get("server_name")
         if server_name is not None and (not isinstance(server_name, str) or not server_name):
             raise ConfigError(f"{key}.server_name", f"expected a host name, got {server_name!r}")
-        return cls(server_name=server_name, **files)
+        paths = tuple((name, str(value[name])) for name in ("cert", "key", "ca") if name in value)
+        return cls(
+            server_name=server_name,
+            identity=value.get("identity"),
+            identity_map=value.get("identity_map"),
+            paths=paths,
+            **files,
+        )
 
 
 @dataclass(frozen=True)
@@ -90,12 +109,24 @@ class Security:
 
     tls: TLSFiles | None = None
     token: str | None = None
+    #: Who callers are and what they may do (servers); binds nothing by default.
+    access: AccessPolicy = field(default_factory=AccessPolicy)
 
     @classmethod
     def from_config(
-        cls, tls: object = None, auth_token_file: object = None, *, prefix: str = ""
+        cls,
+        tls: object = None,
+        auth_token_file: object = None,
+        *,
+        prefix: str = "",
+        read_only_token_file: object = None,
+        node_tokens: object = None,
     ) -> Security:
-        """Build from config values; errors name ``{prefix}tls...`` / ``{prefix}auth_token_file``."""
+        """Build from config values; errors name ``{prefix}tls...`` / ``{prefix}auth_token_file``.
+
+        ``read_only_token_file`` and ``node_tokens`` (and ``tls.identity``) are the
+        server-side role settings of :meth:`kvpeer.api.identity.AccessPolicy.from_config`.
+        """
         files = None if tls is None else TLSFiles.from_config(tls, f"{prefix}tls")
         token = None
         if auth_token_file is not None:
@@ -103,16 +134,36 @@ class Security:
             token = _read_file(auth_token_file, key).decode("utf-8", "replace").strip()
             if any(c.isspace() for c in token):
                 raise ConfigError(key, "the token must be one line without spaces")
-        return cls(tls=files, token=token)
+        if files is not None and files.identity is not None and files.ca is None:
+            raise ConfigError(
+                f"{prefix}tls.identity", "needs tls.ca: identities come from client certificates"
+            )
+        access = AccessPolicy.from_config(
+            identity=None if files is None else files.identity,
+            identity_map=None if files is None else files.identity_map,
+            shared_token=token,
+            read_only_token_file=read_only_token_file,
+            node_tokens=node_tokens,
+            prefix=prefix,
+        )
+        return cls(tls=files, token=token, access=access)
 
     # -- server side ---------------------------------------------------------
 
     def server_credentials(self) -> grpc.ServerCredentials | None:
-        """TLS credentials for ``add_secure_port``; None means plaintext."""
+        """TLS credentials for ``add_secure_port``; None means plaintext.
+
+        When the PEM files came from paths, changed files are picked up at the next
+        handshake (:mod:`kvpeer.api.cert_reload`): rotation needs no restart.
+        """
         if self.tls is None:
             return None
         if self.tls.cert is None or self.tls.key is None:
             raise ConfigError("tls.cert", "a server needs a certificate and key to serve TLS")
+        if self.tls.paths:
+            return cert_reload.dynamic_server_credentials(
+                self.tls.cert, self.tls.key, self.tls.ca, dict(self.tls.paths)
+            )
         return grpc.ssl_server_credentials(
             [(self.tls.key, self.tls.cert)],
             root_certificates=self.tls.ca,
@@ -120,7 +171,9 @@ class Security:
         )
 
     def server_interceptors(self) -> list[grpc.ServerInterceptor]:
-        return [] if self.token is None else [_TokenCheck(self.token)]
+        if self.access.tokens:
+            return [_TokenCheck(self.token_refusal)]
+        return [] if self.token is None else [_TokenCheck(self.token_refusal)]
 
     def server_ssl_context(self) -> ssl.SSLContext | None:
         """The same TLS as :meth:`server_credentials` for servers not run by grpcio (ALPN ``h2``).
@@ -138,13 +191,19 @@ class Security:
             context.load_verify_locations(cadata=self.tls.ca.decode("ascii", "replace"))
             context.verify_mode = ssl.CERT_REQUIRED
         context.set_alpn_protocols(["h2"])
+        if self.tls.paths:  # reload changed PEM files at the next handshake
+            cert_reload.watch_ssl_context(context, dict(self.tls.paths))
         return context
 
     def token_refusal(self, presented: bytes | None) -> str | None:
         """Why a call presenting ``presented`` as ``authorization`` is refused; None admits it.
 
-        Constant-time comparison; every server checks tokens through here.
+        Constant-time comparison; every server checks tokens through here. With role
+        tokens (:attr:`access`), any configured token is admitted here; what it may
+        do is decided per call from :meth:`AccessPolicy.principal_of`.
         """
+        if self.access.tokens:
+            return self.access.token_refusal(presented)
         if self.token is None:
             return None
         return _token_refusal(f"Bearer {self.token}".encode(), presented)
@@ -211,10 +270,10 @@ def _token_refusal(expected: bytes, presented: bytes | None) -> str | None:
 
 
 class _TokenCheck(grpc.ServerInterceptor):
-    """Refuses calls whose ``authorization`` metadata is not ``Bearer <token>``."""
+    """Refuses calls whose ``authorization`` metadata is not an accepted ``Bearer <token>``."""
 
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+    def __init__(self, refusal: Callable[[bytes | None], str | None]) -> None:
+        self._refusal = refusal
 
     def intercept_service(
         self,
@@ -229,7 +288,7 @@ class _TokenCheck(grpc.ServerInterceptor):
             if name == TOKEN_HEADER:
                 presented = value.encode() if isinstance(value, str) else value
                 break
-        refusal = _token_refusal(self._expected, presented)
+        refusal = self._refusal(presented)
         if refusal is None:
             return continuation(handler_call_details)
         return _deny(continuation(handler_call_details), refusal)

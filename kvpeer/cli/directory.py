@@ -15,9 +15,11 @@ import sys
 import threading
 
 from kvpeer import DEFAULT_DIRECTORY_PORT
+from kvpeer.api import cert_reload
 from kvpeer.api.endpoint import parse_endpoint
 from kvpeer.api.errors import ConfigError
 from kvpeer.api.security import Security
+from kvpeer.server.directory.authz import NamespaceAllowList
 from kvpeer.server.directory.service import DirectoryServer, check_lease_ttl
 from kvpeer.server.directory.store import StoreError
 from kvpeer.server.directory.stores import open_store
@@ -58,7 +60,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tls-ca", metavar="F", help="PEM CA: require client certificates it signed (mutual TLS)"
     )
     parser.add_argument(
-        "--auth-token-file", metavar="F", help="refuse calls without this bearer token"
+        "--auth-token-file",
+        metavar="F",
+        help="refuse calls without this bearer token (shared: its holders are trusted as any node)",
+    )
+    parser.add_argument(
+        "--read-only-token-file",
+        metavar="F",
+        help="a bearer token for read-only callers (Locate, ListNodes, Stats; no writes)",
+    )
+    parser.add_argument(
+        "--node-tokens",
+        metavar="FILE",
+        help="JSON {node id: token file}: each token may write only as its node id",
+    )
+    parser.add_argument(
+        "--identity",
+        choices=("san-uri", "san-dns", "cn"),
+        help="with --tls-ca: the client certificate field that is the caller's node id "
+        "(binds writes to it)",
+    )
+    parser.add_argument(
+        "--identity-map",
+        metavar="FILE",
+        help='JSON {certificate identity: node id or {"role": "reader"|"admin"}}',
+    )
+    parser.add_argument(
+        "--namespace-allow",
+        metavar="FILE",
+        help="JSON {fingerprint digest: [identities]}: serve those namespaces to them only",
     )
 
 
@@ -68,12 +98,24 @@ def _security(args: argparse.Namespace) -> Security:
         for name, path in (("cert", args.tls_cert), ("key", args.tls_key), ("ca", args.tls_ca))
         if path is not None
     }
+    if args.identity is not None:
+        tls["identity"] = args.identity
+    if args.identity_map is not None:
+        tls["identity_map"] = args.identity_map
     if tls and ("cert" not in tls or "key" not in tls):
         raise ConfigError("--tls-cert", "give --tls-cert and --tls-key together to serve TLS")
     try:
-        return Security.from_config(tls or None, args.auth_token_file)
+        return Security.from_config(
+            tls or None,
+            args.auth_token_file,
+            read_only_token_file=args.read_only_token_file,
+            node_tokens=args.node_tokens,
+        )
     except ConfigError as exc:  # name the flag, not the config key: tls.key -> --tls-key
-        raise ConfigError("--" + exc.key.replace(".", "-").replace("_", "-"), exc.problem) from exc
+        flag, _, where = exc.key.partition("[")
+        flag = flag.replace("tls.identity", "identity").replace(".", "-").replace("_", "-")
+        problem = f"[{where} {exc.problem}" if where else exc.problem
+        raise ConfigError("--" + flag, problem) from exc
 
 
 def _build(args: argparse.Namespace) -> DirectoryServer:
@@ -82,6 +124,11 @@ def _build(args: argparse.Namespace) -> DirectoryServer:
         raise ConfigError("--metrics-port", f"{args.metrics_port} is not a port number")
     listen = parse_endpoint(args.listen, key="--listen", allow_port_zero=True)
     security = _security(args)
+    namespace_allow = (
+        None
+        if args.namespace_allow is None
+        else NamespaceAllowList.from_file(args.namespace_allow, "--namespace-allow")
+    )
     store = open_store(args.store, key="--store")
     return DirectoryServer(
         listen,
@@ -92,6 +139,7 @@ def _build(args: argparse.Namespace) -> DirectoryServer:
         if args.metrics_port is None
         else str(listen.with_port(args.metrics_port)),
         listen_key="--listen",
+        namespace_allow=namespace_allow,
     )
 
 
@@ -104,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    # Changed TLS files are picked up within a second anyway; SIGHUP makes it immediate.
+    signal.signal(signal.SIGHUP, lambda *_: cert_reload.reload_now())
     try:
         server.store.stats()
     except StoreError as exc:

@@ -92,12 +92,15 @@ class TierConfig:
                 raise ConfigError(key, f"unknown PeerSecondaryTier key{hint}")
         values: dict[str, Any] = {}
         for key, raw in kwargs.items():
-            if key in ("tls", "auth_token_file"):
+            if key in _SECURITY_KEYS:
                 continue
             values[key] = _PARSERS[key](raw, key)
-        if "tls" in kwargs or "auth_token_file" in kwargs:
+        if any(key in kwargs for key in _SECURITY_KEYS):
             values["security"] = Security.from_config(
-                kwargs.get("tls"), kwargs.get("auth_token_file")
+                kwargs.get("tls"),
+                kwargs.get("auth_token_file"),
+                read_only_token_file=kwargs.get("read_only_token_file"),
+                node_tokens=kwargs.get("node_tokens"),
             )
         config = cls(**values)
         config._check_consistency()
@@ -210,6 +213,9 @@ def _count(low: int, high: int):
     return parse
 
 
+#: Keys read by Security.from_config (TLS, tokens, identities: kvpeer/api/identity.py).
+_SECURITY_KEYS = ("tls", "auth_token_file", "read_only_token_file", "node_tokens")
+
 _PARSERS = {
     "directory": _optional_endpoint,
     "peers": _peers,
@@ -219,6 +225,8 @@ _PARSERS = {
     "node_id": _node_id,
     "tls": None,
     "auth_token_file": None,
+    "read_only_token_file": None,
+    "node_tokens": None,
     "locality": _locality,
     "lookup_timeout_s": _seconds(0.01, 600),
     "rpc_timeout_s": _seconds(0.01, 600),

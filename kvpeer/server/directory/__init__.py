@@ -3,6 +3,7 @@
 - :mod:`.service`: the servicer (Join, Heartbeat, Publish, Withdraw, Locate, Leave,
   ListNodes, Stats) and :class:`~kvpeer.server.directory.service.DirectoryServer`
   (its sweeper, ``/metrics``);
+- :mod:`.authz`: who may call what (identity binding, roles, namespace allow-lists);
 - :mod:`.store`: the contract every store keeps (epochs, fencing, namespaces, errors);
 - :mod:`.memory_store` and :mod:`.redis_store`: the two stores;
 - :mod:`.stores`: the store a ``--store`` spec names.

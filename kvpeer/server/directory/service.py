@@ -4,6 +4,7 @@
 endpoints), calls the store and maps the store's refusals to gRPC statuses:
 
 =============================  ======================================================
+not this caller's node id      PERMISSION_DENIED (naming the caller and the node id; authz.py)
 unknown node                   NOT_FOUND ("unknown node a: ...: re-join")
 stale epoch                    FAILED_PRECONDITION ("stale epoch 3 for node a (current 4): re-join")
 malformed request              INVALID_ARGUMENT, naming the field
@@ -41,6 +42,7 @@ from kvpeer.api.errors import ConfigError, WireError
 from kvpeer.api.fingerprint import Fingerprint, is_digest
 from kvpeer.api.limits import MAX_KEYS_PER_CALL, status_details
 from kvpeer.api.security import Security
+from kvpeer.server.directory.authz import Denied, DirectoryAuthz, NamespaceAllowList
 from kvpeer.server.directory.memory_store import MemoryStore
 from kvpeer.server.directory.store import (
     MAX_NODE_ID_CHARS,
@@ -207,8 +209,9 @@ def _rpc(method: _Handler) -> _Handler:
         try:
             if isinstance(request, _Malformed):
                 raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            self.authz.admit(name, request, context)  # identity, role, namespace (authz.py)
             return method(self, request, context)
-        except _Refused as exc:
+        except (_Refused, Denied) as exc:
             code, message = exc.code, exc.message
         except StoreError as exc:
             code, message = _status_of(exc), str(exc)
@@ -247,8 +250,15 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServicer):
     besides metrics (thread-safe), so all consistency comes from the store.
     """
 
-    def __init__(self, store: DirectoryStore, lease_ttl_s: float, metrics: DirectoryMetrics):
+    def __init__(
+        self,
+        store: DirectoryStore,
+        lease_ttl_s: float,
+        metrics: DirectoryMetrics,
+        authz: DirectoryAuthz | None = None,
+    ):
         self.store = store
+        self.authz = authz or DirectoryAuthz()
         self.lease_ttl_s = lease_ttl_s
         self._lease_ms = round(lease_ttl_s * 1000)
         self.metrics = metrics
@@ -340,12 +350,14 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServicer):
     ) -> pb.ListNodesResponse:
         _check_digest("fingerprint", request.fingerprint, optional=True)
         records = self.store.list_nodes(request.fingerprint or None)
+        caller = self.authz.principal(context)  # epochs only for nodes the caller may act as
+        records = [r for r in records if self.authz.sees_namespace(caller, r.fingerprint.digest)]
         return pb.ListNodesResponse(
             nodes=[
                 pb.NodeInfo(
                     node_id=r.node_id,
                     endpoint=r.endpoint,
-                    epoch=r.epoch,
+                    epoch=r.epoch if self.authz.sees_epoch(caller, r.node_id) else 0,
                     fingerprint=r.fingerprint.to_proto(),
                     keys=r.keys,
                     lease_remaining_ms=max(0, round(r.lease_remaining_s * 1000)),
@@ -435,6 +447,9 @@ class DirectoryServer:
         max_workers, max_concurrent_rpcs: handler threads, and the calls in
             progress or queued beyond which callers get RESOURCE_EXHAUSTED.
         listen_key: the name errors about ``listen`` use (the CLI says ``--listen``).
+        namespace_allow: fingerprints served only to the identities listed
+            (:class:`~kvpeer.server.directory.authz.NamespaceAllowList`); who
+            callers are comes from ``security.access`` (see ``authz.py``).
     """
 
     def __init__(
@@ -449,11 +464,17 @@ class DirectoryServer:
         max_workers: int = 16,
         max_concurrent_rpcs: int = 256,
         listen_key: str = "listen",
+        namespace_allow: NamespaceAllowList | None = None,
     ) -> None:
         self.store = store if store is not None else MemoryStore()
         self.lease_ttl_s = check_lease_ttl(lease_ttl_s)
         self.metrics = DirectoryMetrics(self.store)
-        self.servicer = DirectoryServicer(self.store, lease_ttl_s, self.metrics)
+        self.servicer = DirectoryServicer(
+            self.store,
+            lease_ttl_s,
+            self.metrics,
+            DirectoryAuthz((security or Security()).access, namespace_allow),
+        )
         self._grpc = GrpcServer(
             listen,
             [directory_service(self.servicer)],

@@ -36,10 +36,12 @@ from kvpeer import PROTOCOL_VERSION
 from kvpeer.api.endpoint import Endpoint
 from kvpeer.api.errors import WireError
 from kvpeer.api.fingerprint import Fingerprint
+from kvpeer.api.identity import AccessPolicy
 from kvpeer.api.limits import MAX_KEY_BYTES, status_details
 from kvpeer.api.security import Security
 from kvpeer.api.wire import MAX_HEADER_BYTES
 from kvpeer.server.grpc_server import GrpcServer, Service
+from kvpeer.server.peer import authz
 from kvpeer.server.peer.chunk_source import ChunkSource, LookupRefused
 from kvpeer.server.peer.leases import Lease, LeaseNotFound, LeaseTable, TooManyLeases
 from kvpeer.transport.pull_server import STATS_KEYS as PULL_STATS_KEYS
@@ -92,7 +94,9 @@ class KVPeerServicer:
         node_id: str,
         fingerprint: Fingerprint,
         options: PeerServerOptions,
+        access: AccessPolicy | None = None,
     ) -> None:
+        self._access = access or AccessPolicy()  # who may call what: peer/authz.py
         self._source = source
         self.node_id = node_id
         self._fingerprint = fingerprint
@@ -110,6 +114,7 @@ class KVPeerServicer:
 
     def handshake(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
         request = self._parse(peer_pb2.HandshakeRequest, raw, context)
+        self._authorize(context, "Handshake", request.node_id)
         self._count("handshakes")
         if request.HasField("fingerprint"):
             self._check_compatible(request, context)
@@ -126,6 +131,7 @@ class KVPeerServicer:
 
     def lookup(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
         request = self._parse(peer_pb2.LookupRequest, raw, context)
+        self._authorize(context, "Lookup")
         options = self._options
         if request.fingerprint != self._fingerprint.digest:
             self._abort(
@@ -228,6 +234,7 @@ class KVPeerServicer:
 
     def release(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
         request = self._parse(peer_pb2.ReleaseRequest, raw, context)
+        self._authorize(context, "Release")
         try:
             self._leases.release(request.lease_id)
         except LeaseNotFound as exc:
@@ -293,6 +300,14 @@ class KVPeerServicer:
     def _count(self, name: str, amount: int = 1) -> None:
         with self._stats_lock:
             self._counts[name] += amount
+
+    def _authorize(self, context: grpc.ServicerContext, method: str, node_id: str = "") -> None:
+        """Abort the call if this caller may not make it (see :mod:`.authz`)."""
+        if not self._access.enforcing:
+            return
+        code, detail = authz.refusal(self._access, context, method, node_id)
+        if code is not None:
+            self._abort(context, code, str(detail))
 
     def _abort(
         self, context: grpc.ServicerContext, code: grpc.StatusCode, message: str
@@ -466,7 +481,11 @@ class PeerServer:
             max_concurrent_rpcs=max_concurrent_rpcs,
         )
         self.servicer = KVPeerServicer(
-            source, node_id=node_id, fingerprint=fingerprint, options=self.options
+            source,
+            node_id=node_id,
+            fingerprint=fingerprint,
+            options=self.options,
+            access=(security or Security()).access,
         )
         handler = grpc.method_handlers_generic_handler(
             SERVICE_NAME,
