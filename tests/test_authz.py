@@ -19,6 +19,7 @@ import pytest
 from kvpeer.api.errors import ConfigError
 from kvpeer.api.identity import AccessPolicy, Role, identity_from_peercert
 from kvpeer.api.security import Security
+from kvpeer.client.peer import PeerClient, PullTarget
 from kvpeer.server.directory.authz import WRITE_METHODS, NamespaceAllowList
 from kvpeer.v1 import directory_pb2 as pb
 from kvpeer.v1 import directory_pb2_grpc, peer_pb2, peer_pb2_grpc
@@ -401,6 +402,42 @@ def test_chunk_server_binds_identity(ca, leaves, identity_map) -> None:
         assert "node-b" in error.details() and "node-a" in error.details()
         error = rpc_error(lambda: stub("no-uri").Lookup(lookup, timeout=10))
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_reader_pulls_nothing_even_with_a_nodes_lease_id(ca, leaves, identity_map) -> None:
+    """The lease id is a capability, but a reader holding one still gets no KV bytes:
+    neither on the grpcio port nor on the zero-copy pull port (its TLS session)."""
+    server = Security.from_config(ca.server_tls(identity="san-uri", identity_map=identity_map))
+    with serve_rows(security=server) as node:
+        endpoint = f"localhost:{node.server.port}"
+        node_a = peer_pb2_grpc.KVPeerStub(as_cert(ca, leaves["node-a"]).open_channel(endpoint))
+        lookup = peer_pb2.LookupRequest(
+            fingerprint=FINGERPRINT.digest, keys=node.keys[:2], hold=True
+        )
+        lease_id = node_a.Lookup(lookup, timeout=10).lease_id
+        router = as_cert(ca, leaves["router"])
+        stub = peer_pb2_grpc.KVPeerStub(router.open_channel(endpoint))
+        error = rpc_error(
+            lambda: list(stub.Pull(peer_pb2.PullRequest(lease_id=lease_id), timeout=10))
+        )
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+        dest = [bytearray(CHUNK_BYTES) for _ in range(2)]
+        targets = [PullTarget(i, node.keys[i], memoryview(d)) for i, d in enumerate(dest)]
+        with PeerClient(
+            endpoint,
+            node_id="router",
+            fingerprint=FINGERPRINT,
+            chunk_bytes=CHUNK_BYTES,
+            security=router,
+        ) as client:
+            info = client.handshake()  # a reader may probe the node
+            assert info.pull_port, "the pull port must be the one refusing here"
+            result = client.pull(lease_id, targets, timeout_s=10)
+        assert not any(result.loaded)
+        assert "PERMISSION_DENIED" in (result.error or ""), result.error
+        assert not any(dest[0]), "no byte of a row reached the reader"
+        # The node that owns the lease still pulls it.
+        assert len(list(node_a.Pull(peer_pb2.PullRequest(lease_id=lease_id), timeout=10))) == 2
 
 
 # -- namespaces --------------------------------------------------------------------

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import grpc
 import hpack
 
+from kvpeer.api.identity import AccessRefused, Role
 from kvpeer.api.limits import MAX_REQUEST_BYTES
 from kvpeer.api.security import TOKEN_HEADER
 from kvpeer.transport import frames as h2
@@ -276,6 +277,27 @@ class InboundFrames:
             return
         self._call = self._new_call(block.stream_id, dict(fields), block.end_stream)
 
+    def _role_refusal(self, token: bytes | None) -> tuple[grpc.StatusCode, str] | None:
+        """Why this caller may not Pull (its certificate or token is a reader's), or None.
+
+        The same rule as the grpcio port (:mod:`kvpeer.server.peer.authz`): KV bytes go
+        to ``node`` and ``admin`` principals only. Free when no identities are bound.
+        """
+        access = self._server.security.access
+        if not access.enforcing:
+            return None
+        cert = self._sock.getpeercert() if isinstance(self._sock, ssl.SSLSocket) else None
+        try:
+            principal = access.principal_of_peercert(cert, token)
+        except AccessRefused as exc:
+            return exc.code, exc.message
+        if principal.role is Role.READER:
+            return (
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{principal.describe()} may not Pull: read-only callers get no KV bytes",
+            )
+        return None
+
     def _new_call(self, stream_id: int, fields: dict[bytes, bytes], ended: bool) -> Call:
         now = time.monotonic()
         call = Call(
@@ -284,9 +306,13 @@ class InboundFrames:
             send_window=self._peer_initial_window,
             request_ended=ended,
         )
-        refusal = self._server.security.token_refusal(fields.get(TOKEN_HEADER.encode()))
+        token = fields.get(TOKEN_HEADER.encode())
+        refusal = self._server.security.token_refusal(token)
         if refusal is not None:
             call.refusal = (grpc.StatusCode.UNAUTHENTICATED, refusal)
+            return call
+        call.refusal = self._role_refusal(token)
+        if call.refusal is not None:
             return call
         method = fields.get(b":method", b"").decode("latin-1")
         path = fields.get(b":path", b"").decode("latin-1")

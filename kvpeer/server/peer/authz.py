@@ -5,10 +5,10 @@ credentials (:meth:`AccessPolicy.principal_of`: client certificate, token):
 
 - Handshake: every authenticated principal (operators probe nodes with grpcurl);
   a ``node`` that names a ``node_id`` must name its own (PERMISSION_DENIED naming both).
-- Lookup, Release: ``node`` and ``admin`` only. KV bytes are tenants' data; a
-  ``reader`` (router, proxy) never needs them (PERMISSION_DENIED).
-- Pull: a lease id from a Lookup is the capability; the pull port checks the
-  token and the TLS session as the gRPC port does.
+- Lookup, Release, Pull: ``node`` and ``admin`` only. KV bytes are tenants' data; a
+  ``reader`` (router, proxy) never needs them (PERMISSION_DENIED), even holding a
+  lease id. The pull port applies the same rule to its TLS session and token
+  (:meth:`kvpeer.transport.server_frames.InboundFrames._role_refusal`).
 
 With the default policy (nothing bound) every caller is admitted as before.
 """

@@ -193,6 +193,7 @@ class KVPeerServicer:
         return response.SerializeToString()
 
     def pull(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        self._authorize(context, "Pull")
         try:
             stream = self.open_pull(raw)
         except Refusal as refusal:
