@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh) and run the whole test suite. Extra arguments go to pytest.
+# Set up (scripts/setup.sh, and scripts/setup_engine.sh for the real-engine tests in
+# tests/engine/) and run the whole test suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/setup_engine.sh
 set +e
 .venv/bin/python -m pytest "$@"
 status=$?

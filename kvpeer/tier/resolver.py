@@ -107,6 +107,7 @@ class LookupResolver:
             workers * max(1, len(self._peers)), thread_name_prefix="kvpeer-probe"
         )
         self._backoff = PeerBackoff()
+        self._warned_incompatible: set[str] = set()
         self._lock = threading.Lock()
         self._in_flight = 0
 
@@ -208,7 +209,9 @@ class LookupResolver:
                 self._backoff.failed(endpoint)
                 continue
             hits = future.result()
-            for per_key, hit in zip(holders, hits or (), strict=True):
+            if hits is None:  # it could not say: it holds nothing for this request
+                continue
+            for per_key, hit in zip(holders, hits, strict=True):
                 if hit:
                     per_key.append(Holder(endpoint, endpoint, 0))
         return Location(holders, True, None)
@@ -274,6 +277,9 @@ class LookupResolver:
             reason = "peer_unavailable"
         elif isinstance(exc, IncompatiblePeerError):
             reason = "incompatible_peer"
+            if endpoint not in self._warned_incompatible:  # once: it will not change
+                self._warned_incompatible.add(endpoint)
+                log.warning("not sharing KV with incompatible peer %s: %s", endpoint, exc)
         else:
             reason = "lookup_refused"
         self._metrics.count(metrics.FAILURES, 1, reason)

@@ -40,8 +40,6 @@ from vllm.distributed.kv_transfer.kv_connector.v1.offloading.metrics import (
     OffloadingConnectorStats,
 )
 from vllm.v1.kv_offload.base import (
-    ConfigInfo,
-    ConfigInfoMapping,
     Locality,
     LookupResult,
     OffloadingMetricMetadata,
@@ -77,6 +75,7 @@ from kvpeer.tier.publisher import Publisher
 from kvpeer.tier.puller import Puller
 from kvpeer.tier.resolver import LookupResolver
 from kvpeer.tier.rows import PrimaryRows
+from kvpeer.tier.vllm_compat import ConfigInfo, ConfigInfoMapping, warn_if_limited
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +116,7 @@ class PeerSecondaryTier(SecondaryTierManager):
             )
         config = TierConfig.from_kwargs(kwargs)
         self.config = config
+        warn_if_limited()
         self.locality = Locality(config.locality)
         dp_index = offloading_spec.config.parallel.data_parallel_index
         listen = _offset(config.listen, dp_index)
