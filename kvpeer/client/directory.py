@@ -13,6 +13,15 @@ again (new epoch) and re-publishes everything it holds, in batches.
 
 :func:`longest_run` picks, for an ordered list of keys (a prompt's chunks), the
 holder with the longest run of consecutive keys from the first one.
+
+Why hand-written, not ``tenacity`` (issue 14): nothing here is a blocking call
+retried in a loop. The re-join back-off is a deadline (``_retry_at``, with
+jitter) in the background thread's event loop, which also heartbeats, sends
+queued publishes and wakes on new work while it waits; a ``tenacity`` decorator
+would block that thread (or need the loop rebuilt around it) for a few lines of
+arithmetic. Channel reconnects are grpc-core's own (``grpc.*_reconnect_backoff_ms``
+options below) and the Redis store uses redis-py's ``Retry``: both libraries
+already. No speed is at stake, so none was measured.
 """
 
 from __future__ import annotations

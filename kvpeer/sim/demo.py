@@ -18,6 +18,15 @@ check every row they load against the row they would have computed themselves.
 4. A failure: a node holding a prompt dies (SIGKILL) while the third node pulls
    from it; the pull keeps what arrived whole and verified, vLLM recomputes the
    rest, nothing wrong is loaded.
+
+Why hand-written output, not ``rich`` (issue 14; also for ``kvpeer bench``'s and
+``kvpeer inspect``'s tables): the output is a few aligned f-string lines that
+must read the same in a CI log with no TTY as on a terminal. ``rich`` adds
+box-drawing and colour codes, and without a TTY it sizes tables to a default
+width of 80 columns and wraps or truncates wider rows, so the output would
+change; ``rich`` is also not a kvpeer dependency (vLLM brings it, the directory
+and proxy installs do not) and costs 35-46 ms of import (measured here). No speed
+is at stake beyond that.
 """
 
 from __future__ import annotations
