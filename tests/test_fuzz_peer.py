@@ -432,3 +432,123 @@ def test_peer_server_process_memory_stays_bounded() -> None:
         after = rss_bytes(node.process.pid)
     record_rss("peer server process", before, after)
     assert after - before < RSS_GROWTH_LIMIT, f"RSS grew from {before} to {after} bytes"
+
+
+# == Same-host fast path: MapRows, CheckLease, the handshake's Host and Region ==============
+
+SAME_HOST_METHODS = {
+    "MapRows": peer_pb2.MapRowsRequest,
+    "CheckLease": peer_pb2.CheckLeaseRequest,
+}
+SAME_HOST_ALLOWED = frozenset(
+    {Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.FAILED_PRECONDITION, Code.RESOURCE_EXHAUSTED}
+)
+
+
+@pytest.fixture(scope="module")
+def shm_peer() -> Iterator[tuple[str, list[bytes], np.ndarray]]:
+    """A chunk server process over a /dev/shm file (it offers its region)."""
+    from tests.support.shm_node import ShmNode
+
+    with ShmNode(num_chunks=PEER_CHUNKS, chunk_bytes=PEER_CHUNK_BYTES, seed=PEER_SEED) as node:
+        yield (
+            node.endpoint,
+            synthetic_keys(PEER_CHUNKS, PEER_SEED),
+            synthetic_rows(PEER_CHUNKS, PEER_CHUNK_BYTES, PEER_SEED),
+        )
+
+
+@pytest.mark.parametrize("method", list(SAME_HOST_METHODS))
+def test_same_host_methods_answer_hostile_input_meaningfully(shm_peer, method: str) -> None:
+    """MapRows/CheckLease on live, cut and forged lease ids and indices: a meaningful status;
+    every OK MapRows row lies inside the region and carries the digest of the right row."""
+    from hypothesis import given
+
+    from tests.support.fuzz import fuzz_settings
+
+    endpoint, keys, rows = shm_peer
+    expected = {key: bytes(row) for key, row in zip(keys, rows, strict=True)}
+    with grpc.insecure_channel(endpoint, UNLIMITED) as channel:
+        leases: list[str] = []
+        for held in (keys, keys[:2], [keys[3], b"missing".ljust(36, b"\0")]):
+            body = peer_pb2.LookupRequest(fingerprint=FINGERPRINT.digest, keys=held, hold=True)
+            outcome = call_raw(
+                channel, "/kvpeer.v1.KVPeer/Lookup", body.SerializeToString(), stream=False
+            )
+            leases.append(single_response(peer_pb2.LookupResponse, outcome).lease_id)
+        hints: dict[str, Hint] = {
+            "lease_id": st.tuples(st.sampled_from(leases), st.integers(0, 5)).map(_lease_variant),
+            "indices": st.lists(st.integers(0, PEER_CHUNKS + 2), max_size=10),
+        }
+        well_formed = st.builds(
+            SAME_HOST_METHODS[method],
+            lease_id=st.sampled_from(leases),
+            **(
+                {"indices": st.lists(st.integers(0, 1), max_size=2, unique=True)}
+                if method == "MapRows"
+                else {}
+            ),
+        )
+        structured = st.one_of(
+            message_strategy(SAME_HOST_METHODS[method], hints=hints), well_formed
+        )
+
+        @fuzz_settings(EXAMPLES)
+        @given(fuzz_inputs(structured))
+        def run(fuzz: FuzzInput) -> None:
+            target = f"KVPeer/{method}"
+            outcome = call_raw(channel, f"/kvpeer.v1.KVPeer/{method}", fuzz.body, stream=False)
+            TALLY.record(target, fuzz.kind, outcome.code.name)
+            check_outcome(outcome, SAME_HOST_ALLOWED, target, fuzz)
+            if method != "MapRows" or outcome.code != Code.OK:
+                return
+            response = single_response(peer_pb2.MapRowsResponse, outcome)
+            size = response.region.size
+            for row in response.rows:
+                assert row.offset >= 0 and row.offset + row.length <= size
+                assert row.length == PEER_CHUNK_BYTES
+                assert row.digest == digest(expected[row.key]), "a digest of another row"
+
+        run()
+        for lease_id in leases:
+            body = peer_pb2.ReleaseRequest(lease_id=lease_id).SerializeToString()
+            call_raw(channel, "/kvpeer.v1.KVPeer/Release", body, stream=False)
+
+
+def test_consumer_survives_hostile_handshake_host_and_region() -> None:
+    """The consumer's side of the new handshake fields: any Host/Region a peer sends is
+    judged without raising, and the fast path is on only for a file that truly is the region."""
+    from hypothesis import given
+
+    from kvpeer.client.same_host import SameHostPath
+    from tests.support.fuzz import fuzz_settings
+
+    hints: dict[str, Hint] = {
+        "path": st.sampled_from(
+            ["/dev/shm/nope.mmap", "/etc/passwd", "/dev/shm/../etc/shadow", "", "/dev/shm/"]
+        ),
+        "row_bytes": st.sampled_from([0, PEER_CHUNK_BYTES, 1 << 40]),
+    }
+    structured = message_strategy(peer_pb2.HandshakeResponse, hints=hints)
+
+    @fuzz_settings(EXAMPLES)
+    @given(fuzz_inputs(structured))
+    def run(fuzz: FuzzInput) -> None:
+        TALLY.record("SameHostPath.offer", fuzz.kind, "checked")
+        try:
+            response = peer_pb2.HandshakeResponse.FromString(fuzz.body)
+        except Exception:
+            return  # the client's handshake parser refuses it before offer() sees it
+        path = SameHostPath(
+            "fuzz:1",
+            chunk_bytes=PEER_CHUNK_BYTES,
+            enabled=True,
+            map_rows=lambda *a, **k: None,
+            check_lease=lambda *a, **k: None,
+            on_stale=lambda: None,
+        )
+        path.offer(response)
+        assert not path.usable, "no fuzzed description names a real region"
+        path.close()
+
+    run()

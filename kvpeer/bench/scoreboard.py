@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -26,13 +27,27 @@ if TYPE_CHECKING:
 #: setting -> what it is (the table's legend).
 SETTINGS: dict[str, str] = {
     "raw": "raw TCP socket, recv_into a buffer (the ceiling)",
-    "kvpeer": "kvpeer prefix reuse: static peer, Lookup, pull into the primary tier",
-    "kvpeer-pd": "kvpeer PD handoff (remote_decoder / remote_prefiller parameters)",
+    "kvpeer": "kvpeer prefix reuse over loopback TCP (same_host off): Lookup, pull into the primary",
+    "kvpeer-pd": "kvpeer PD handoff over TCP (same_host off; remote_decoder / remote_prefiller)",
+    "same-host": "kvpeer prefix reuse, same-host fast path (copy from the holder's /dev/shm file)",
+    "same-host-pd": "kvpeer PD handoff, same-host fast path",
+    "memcpy": "numpy copy between two /dev/shm mappings in one process (the same-host ceiling)",
     "p2p": "vLLM p2p tier (ZMQ + NIXL/UCX), UCX defaults",
     "p2p-tcp": "vLLM p2p tier, UCX_TLS=tcp",
     "p2p-tcp-lo": "vLLM p2p tier, UCX_TLS=tcp UCX_NET_DEVICES=lo",
 }
-DEFAULT_SETTINGS = ("raw", "kvpeer", "kvpeer-pd", "p2p", "p2p-tcp")
+DEFAULT_SETTINGS = (
+    "raw",
+    "kvpeer",
+    "kvpeer-pd",
+    "same-host",
+    "same-host-pd",
+    "memcpy",
+    "p2p",
+    "p2p-tcp",
+)
+#: Settings that run kvpeer's pair with the same-host fast path (the others turn it off).
+SAME_HOST_SETTINGS = ("same-host", "same-host-pd")
 #: UCX environment of each p2p setting.
 P2P_ENVS: dict[str, dict[str, str]] = {
     "p2p": {},
@@ -43,6 +58,9 @@ P2P_ENVS: dict[str, dict[str, str]] = {
 NOT_ON_VETH = {
     "p2p": "UCX defaults reach the other namespace through shared memory, not the link",
     "p2p-tcp-lo": "the link is not the loopback device",
+    "same-host": "the fast path is for two nodes on one host, not across a link",
+    "same-host-pd": "the fast path is for two nodes on one host, not across a link",
+    "memcpy": "a copy inside one process uses no link",
 }
 RAW_SEED = 7
 #: Chunks of the unmeasured transfer that opens a path before each measured one.
@@ -96,6 +114,10 @@ class NetworkResult:
                 "ratio_to_p2p_tcp": self.ratio(setting, "p2p-tcp"),
                 "paired_ratio_to_raw": self.paired_ratio(setting, "raw"),
                 "paired_ratio_to_p2p_tcp": self.paired_ratio(setting, "p2p-tcp"),
+                "ratio_to_p2p": self.ratio(setting, "p2p"),
+                "ratio_to_memcpy": self.ratio(setting, "memcpy"),
+                "paired_ratio_to_p2p": self.paired_ratio(setting, "p2p"),
+                "paired_ratio_to_memcpy": self.paired_ratio(setting, "memcpy"),
             }
             if self.link_gbps:
                 entry["share_of_link"] = self.median(setting) / self.link_gbps
@@ -193,14 +215,29 @@ def _start_runners(
 
     runners: dict[str, _Runner] = {}
     pairs: list[Any] = []
-    if "kvpeer" in settings or "kvpeer-pd" in settings:
-        kvpeer = KvpeerPair(num_chunks, chunk_bytes, hosts=hosts, launch=launch, log_dir=log_dir)
+    for prefix, pd, same_host in (
+        ("kvpeer", "kvpeer-pd", "off"),
+        ("same-host", "same-host-pd", "auto"),
+    ):
+        if prefix not in settings and pd not in settings:
+            continue
+        os.makedirs(os.path.join(log_dir, prefix), exist_ok=True)
+        kvpeer = KvpeerPair(
+            num_chunks,
+            chunk_bytes,
+            hosts=hosts,
+            launch=launch,
+            log_dir=os.path.join(log_dir, prefix),
+            tier={"same_host": same_host},
+        )
         closers.append(kvpeer.close)
         pairs.append(kvpeer.launch())
-        if "kvpeer" in settings:
-            runners["kvpeer"] = _Runner(_kvpeer_prefix_transfer(kvpeer), kvpeer)
-        if "kvpeer-pd" in settings:
-            runners["kvpeer-pd"] = _Runner(_kvpeer_handoff_transfer(kvpeer), kvpeer)
+        if prefix in settings:
+            runners[prefix] = _Runner(_kvpeer_prefix_transfer(kvpeer), kvpeer)
+        if pd in settings:
+            runners[pd] = _Runner(_kvpeer_handoff_transfer(kvpeer), kvpeer)
+    if "memcpy" in settings:
+        runners["memcpy"] = _memcpy_runner(num_chunks, chunk_bytes, closers)
     for setting in settings:
         if setting in P2P_ENVS:
             pair = P2PPair(
@@ -300,6 +337,50 @@ def _raw_runner(
     return _Runner(transfer)
 
 
+def _memcpy_runner(num_chunks: int, chunk_bytes: int, closers: list[Callable[[], None]]) -> _Runner:
+    """The ceiling of a same-host copy: ``np.copyto`` between two /dev/shm mappings."""
+    import mmap
+
+    import numpy as np
+
+    from kvpeer.bench.rows import synthetic_rows
+
+    size = num_chunks * chunk_bytes
+    maps = []
+    for side in ("src", "dst"):
+        path = f"/dev/shm/kvpeer-bench-memcpy-{side}-{os.getpid()}"
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            maps.append(mmap.mmap(fd, size))
+        finally:
+            os.close(fd)
+            os.unlink(path)
+    src = np.frombuffer(maps[0], dtype=np.uint8).reshape(num_chunks, chunk_bytes)
+    dst = np.frombuffer(maps[1], dtype=np.uint8).reshape(num_chunks, chunk_bytes)
+    src[:] = synthetic_rows(num_chunks, chunk_bytes, RAW_SEED)
+    dst.fill(1)  # fault the pages in, as vLLM pre-faults its primary tier
+
+    def close() -> None:
+        nonlocal src, dst
+        del src, dst
+        for region in maps:
+            with contextlib.suppress(BufferError):
+                region.close()
+
+    closers.append(close)
+
+    def transfer(chunks: int) -> float:
+        started = time.perf_counter()
+        np.copyto(dst[:chunks], src[:chunks])
+        seconds = time.perf_counter() - started
+        if not np.array_equal(dst[:chunks], src[:chunks]):
+            raise BenchError("memcpy delivered wrong bytes")
+        return chunks * chunk_bytes / seconds / 1e9
+
+    return _Runner(transfer)
+
+
 def _measure(
     result: NetworkResult, runners: dict[str, _Runner], repeat: int, num_chunks: int
 ) -> None:
@@ -335,7 +416,17 @@ def _measure(
 
 
 def _extras(runners: dict[str, _Runner], idle_seconds: float, report: dict[str, Any]) -> None:
-    kvpeer = next((r.pair for s, r in runners.items() if s.startswith("kvpeer")), None)
+    for prefix, key in (("kvpeer", "caller_cost_us"), ("same-host", "caller_cost_us_same_host")):
+        _caller_costs(runners, prefix, key, report)
+    if idle_seconds > 0:
+        report["idle_cpu_percent"] = _idle_cpu(runners, idle_seconds)
+
+
+def _caller_costs(
+    runners: dict[str, _Runner], prefix: str, key: str, report: dict[str, Any]
+) -> None:
+    """The tier's cost on vLLM's calling thread in the pair of settings ``prefix*``."""
+    kvpeer = next((r.pair for s, r in runners.items() if s.startswith(prefix)), None)
     if kvpeer is not None:
         kvpeer.resume()
         try:
@@ -345,10 +436,9 @@ def _extras(runners: dict[str, _Runner], idle_seconds: float, report: dict[str, 
             }
         finally:
             kvpeer.pause()
-        report["caller_cost_us"] = costs
+        report[key] = costs
+        print(f"\n[{prefix} pair]", end="")
         _print_caller_costs(costs)
-    if idle_seconds > 0:
-        report["idle_cpu_percent"] = _idle_cpu(runners, idle_seconds)
 
 
 def _print_caller_costs(costs: dict[str, dict[str, dict[str, float]]]) -> None:
@@ -381,7 +471,9 @@ def _idle_cpu(runners: dict[str, _Runner], seconds: float) -> dict[str, dict[str
             continue
         seen.add(id(pair))
         name = "kvpeer" if setting.startswith("kvpeer") else setting
-        roles = ("holder", "consumer") if name == "kvpeer" else ("producer", "consumer")
+        name = "same-host" if setting.startswith("same-host") else name
+        kvpeer_pair = name in ("kvpeer", "same-host")
+        roles = ("holder", "consumer") if kvpeer_pair else ("producer", "consumer")
         pair.resume()
         try:
             time.sleep(1.0)  # let the resumed processes settle
@@ -432,14 +524,17 @@ def print_table(result: NetworkResult) -> None:
     """Medians, ratios of medians and, in brackets, the paired ratios (see paired_ratio)."""
     link = result.link_gbps
     print(f"\n{result.name}: {result.description}")
-    header = f"   {'setting':<12} {'median GB/s':>11} {'vs raw TCP':>15} {'vs p2p-tcp':>15}"
+    header = (
+        f"   {'setting':<12} {'median GB/s':>11} {'vs raw TCP':>15} {'vs p2p-tcp':>15}"
+        f" {'vs p2p':>15} {'vs memcpy':>15}"
+    )
     if link:
         header += f" {'of link':>8}"
     print(header + "  samples (GB/s)")
     for setting in result.settings:
         median = result.median(setting)
         line = f"   {setting:<12} {median:>11.2f}"
-        for baseline in ("raw", "p2p-tcp"):
+        for baseline in ("raw", "p2p-tcp", "p2p", "memcpy"):
             ratio = _ratio(result.ratio(setting, baseline))
             paired = _ratio(result.paired_ratio(setting, baseline))
             line += f" {ratio + ' (' + paired + ')' if paired != '-' else ratio:>15}"

@@ -3,15 +3,21 @@
 The same chunk set (``--chunks`` rows of ``--chunk-mib``) moves from one process
 to another by each *setting*:
 
-==============  ===============================================================
+===============  ===============================================================
 ``raw``         a raw TCP socket into a buffer with ``recv_into``: the ceiling
 ``kvpeer``      kvpeer's prefix reuse: the consumer node finds the chunks at its
                 peer (RETRY, Lookup, HIT) and pulls them into its primary tier
-``kvpeer-pd``   kvpeer's PD handoff, with the parameters of vLLM's p2p recipe
+                over loopback TCP (``same_host: off``)
+``kvpeer-pd``   kvpeer's PD handoff, with the parameters of vLLM's p2p recipe (TCP)
+``same-host``   prefix reuse with the same-host fast path: the consumer copies the
+                rows from the holder's /dev/shm file (``same_host: auto``)
+``same-host-pd`` the PD handoff with the same-host fast path
+``memcpy``      ``np.copyto`` between two /dev/shm mappings in one process: the
+                ceiling of a same-host copy
 ``p2p``         vLLM 0.33.0's p2p tier (ZMQ + NIXL/UCX), UCX defaults
 ``p2p-tcp``     the same with ``UCX_TLS=tcp`` (comparable to a TCP network)
 ``p2p-tcp-lo``  the same with ``UCX_TLS=tcp UCX_NET_DEVICES=lo``
-==============  ===============================================================
+===============  ===============================================================
 
 Nodes are simulated vLLM nodes (:mod:`kvpeer.sim`): vLLM's real manager and
 shared-memory primary tier, one OS process each. Every loaded row is checked

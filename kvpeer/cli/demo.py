@@ -14,6 +14,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny KV and prompts (a smoke test)")
     parser.add_argument("--prompt-tokens", type=int, help="tokens of the PD handoff prompt (4096)")
     parser.add_argument("--node-mib", type=int, help="primary tier of each node in MiB (1280)")
+    parser.add_argument(
+        "--same-host",
+        choices=("auto", "off"),
+        default="auto",
+        help="the tiers' same_host: auto copies rows between nodes on this machine through "
+        "/dev/shm, off pulls them over TCP (default auto)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     for name, value in overrides.items():
         if value <= 0:
             raise SystemExit(f"kvpeer demo: error: --{name.replace('_', '-')} must be positive")
+    overrides["same_host"] = args.same_host
     try:
         return run_demo(dataclasses.replace(settings, **overrides))
     except KeyboardInterrupt:

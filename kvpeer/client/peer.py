@@ -27,6 +27,14 @@ Pulls have two transports (``pull_transport``), which behave alike:
   ``dest`` (numpy, so the GIL is released and streams copy in parallel).
 
 Handshake, lookup and release always go through grpcio.
+
+When the peer is on the same host and offers its shared-memory region, ``pull``
+copies the rows from there instead (:mod:`kvpeer.client.same_host`, ``same_host``),
+falling back to the network pull above.
+
+Why it is long: one client of one service; the transports' own code lives in
+:mod:`kvpeer.transport`, :mod:`.pull_job` and :mod:`.same_host`, what stays is the
+calls and the checks every transport shares.
 """
 
 from __future__ import annotations
@@ -52,9 +60,11 @@ from kvpeer.api.errors import (
     WireError,
 )
 from kvpeer.api.fingerprint import Fingerprint
+from kvpeer.api.same_host import this_host
 from kvpeer.api.security import Security
 from kvpeer.api.wire import MAX_HEADER_BYTES, digest
 from kvpeer.client.pull_job import GrpcRowStream, PullJob, PullResult, PullTarget, RowStream
+from kvpeer.client.same_host import SameHostPath
 from kvpeer.transport.connection import CallError
 from kvpeer.transport.pull_client import H2PullTransport
 from kvpeer.v1 import peer_pb2
@@ -126,6 +136,8 @@ class PeerClient:
             received in place) or ``"grpc"``; see the module docstring.
         use_pull_port: with ``h2``, pull from the port the peer advertises for
             Pull (default); False pulls from ``endpoint`` (benchmarks compare both).
+        same_host: use the same-host fast path when the handshake allows it
+            (default); False always pulls over the network.
 
     Raises:
         ConfigError: ``pull_transport`` is not one of :data:`PULL_TRANSPORTS`.
@@ -143,6 +155,7 @@ class PeerClient:
         channels: int = 1,
         pull_transport: str = "h2",
         use_pull_port: bool = True,
+        same_host: bool = True,
     ) -> None:
         _check_transport(pull_transport)
         address = parse_endpoint(endpoint, key="peer endpoint")
@@ -166,6 +179,16 @@ class PeerClient:
         self._lookup_rpc = _unary(main, "Lookup", peer_pb2.LookupRequest, peer_pb2.LookupResponse)
         self._release_rpc = _unary(
             main, "Release", peer_pb2.ReleaseRequest, peer_pb2.ReleaseResponse
+        )
+        self._same_host = SameHostPath(
+            self.endpoint,
+            chunk_bytes=chunk_bytes,
+            enabled=same_host,
+            map_rows=_unary(main, "MapRows", peer_pb2.MapRowsRequest, peer_pb2.MapRowsResponse),
+            check_lease=_unary(
+                main, "CheckLease", peer_pb2.CheckLeaseRequest, peer_pb2.CheckLeaseResponse
+            ),
+            on_stale=self._forget_handshake,
         )
         self._pull_rpcs = [
             ch.unary_stream(
@@ -208,9 +231,11 @@ class PeerClient:
                 node_id=self._node_id,
                 chunk_bytes=self._chunk_bytes,
                 fingerprint=self._fingerprint.to_proto(),
+                host=this_host().to_proto(),
             )
             response = self._call(self._handshake_rpc, request, self._rpc_timeout_s, "handshake")
             self._info = self._check_handshake(response)
+            self._same_host.offer(response)
             if self._h2 is not None and self._use_pull_port:
                 self._h2.use_pull_port(response.pull_port, response.listen_port)
             return self._info
@@ -288,16 +313,37 @@ class PeerClient:
         deadline, ``timeout_s`` from now; setting ``cancel`` stops it at once.
         Transport failures, a dead peer, bad frames and digest mismatches are
         reported in the result, never raised: rows that arrived verified before the
-        failure stay loaded.
+        failure stay loaded. On the same host the rows are copied from the peer's
+        region instead when the handshake allowed it (:mod:`.same_host`).
 
         Raises:
             ValueError: a ``dest`` is not a writable 1-D byte view of ``chunk_bytes``,
                 or two targets name the same index (programming errors).
         """
-        started = time.perf_counter()
-        dests = [self._dest_array(t) for t in targets]
+        for target in targets:
+            self._dest_array(target)
         if len({t.index for t in targets}) != len(targets):
             raise ValueError("two pull targets name the same index")
+        return self._same_host.pull(
+            lease_id,
+            targets,
+            streams=streams,
+            timeout_s=timeout_s,
+            cancel=cancel,
+            network=self._network_pull,
+        )
+
+    def _network_pull(
+        self,
+        lease_id: str,
+        targets: Sequence[PullTarget],
+        streams: int,
+        timeout_s: float,
+        cancel: threading.Event | None,
+    ) -> PullResult:
+        """:meth:`pull` over the network (h2 or grpcio), whatever the host."""
+        started = time.perf_counter()
+        dests = [self._dest_array(t) for t in targets]
         count = max(1, min(streams, len(targets)))
         job = PullJob(self.endpoint, len(targets), count)
         try:
@@ -310,6 +356,7 @@ class PeerClient:
     def close(self) -> None:
         """Close the channel(s); calls in progress fail, later calls raise or report."""
         self._closed = True
+        self._same_host.close()
         if self._h2 is not None:
             self._h2.close()
         for channel in self._channels:
@@ -543,9 +590,11 @@ class PeerClientPool:
         rpc_timeout_s: float = 5.0,
         channels: int = 1,
         pull_transport: str = "h2",
+        same_host: bool = True,
     ) -> None:
         _check_transport(pull_transport)
         self._kwargs = dict(
+            same_host=same_host,
             node_id=node_id,
             fingerprint=fingerprint,
             chunk_bytes=chunk_bytes,

@@ -41,7 +41,11 @@ class PullResult:
     bytes of a ``dest`` whose flag is False are undefined (partly or wrongly
     written, or untouched). ``error`` is the first failure, readable, or None.
     ``corrupt`` counts the rows that arrived whole but failed their digest check
-    (damaged in transit); they are not loaded.
+    (damaged in transit); they are not loaded. ``same_host_rows``/``same_host_bytes``
+    are the loaded rows that came by the same-host fast path
+    (:mod:`kvpeer.client.same_host`), the rest came over the network;
+    ``fallback`` names why the fast path was not (or not wholly) used, if it was
+    not (a :data:`kvpeer.client.same_host.REASONS` label).
     """
 
     loaded: list[bool]
@@ -49,6 +53,9 @@ class PullResult:
     seconds: float = 0.0
     error: str | None = None
     corrupt: int = 0
+    same_host_rows: int = 0
+    same_host_bytes: int = 0
+    fallback: str | None = None
 
     @property
     def complete(self) -> bool:

@@ -65,6 +65,10 @@ class DemoSettings:
     failing_link_mb_s: float = 400.0
     #: Fraction of the doomed node's prompt streamed when it is killed.
     kill_at: float = 0.4
+    #: The tiers' ``same_host`` (``auto``: nodes on this machine copy each other's rows
+    #: from /dev/shm; ``off``: over TCP). The doomed node, behind its slow relay,
+    #: stands for a remote node and always uses the network.
+    same_host: str = "auto"
 
     @classmethod
     def quick(cls) -> DemoSettings:
@@ -129,8 +133,18 @@ def run(settings: DemoSettings, out: TextIO = sys.stdout) -> int:
             _cross_tp,
             _holder_dies,
         ]
+        consumers = {
+            _pd_handoff: cluster.decode,
+            _prefix_reuse: cluster.reuse,
+            _cross_tp: cluster.reuse,
+            _holder_dies: cluster.reuse,
+        }
         for step in steps:
-            results.append(step(cluster, settings, say))
+            consumers[step].call("stats")  # count this step's rows only
+            result = step(cluster, settings, say)
+            path = _path_note(consumers[step])
+            result.note = f"{path}; {result.note}" if result.note and path else path or result.note
+            results.append(result)
         say.line("stopping the nodes and the directory")
     say.line("")
     say.table(results)
@@ -144,7 +158,11 @@ def run(settings: DemoSettings, out: TextIO = sys.stdout) -> int:
 
 def _start(settings: DemoSettings, stack: contextlib.ExitStack, say: _Printer) -> _Cluster:
     directory = stack.enter_context(DirectoryProcess(["--lease-ttl", "5"], metrics=False))
-    tier = {"directory": directory.endpoint, "listen": "127.0.0.1:0"}
+    tier = {
+        "directory": directory.endpoint,
+        "listen": "127.0.0.1:0",
+        "same_host": settings.same_host,
+    }
     cpu = settings.node_mib << 20
     doomed_port = _free_port()
     relay = stack.enter_context(
@@ -165,7 +183,12 @@ def _start(settings: DemoSettings, stack: contextlib.ExitStack, say: _Printer) -
         "reuse": NodeSpec("reuse", dict(tier), tp_size=1, **common),
         "doomed": NodeSpec(
             "doomed",
-            {**tier, "listen": f"127.0.0.1:{doomed_port}", "advertise": relay.endpoint},
+            {
+                **tier,
+                "listen": f"127.0.0.1:{doomed_port}",
+                "advertise": relay.endpoint,
+                "same_host": "off",  # reached through the slow relay, like a remote node
+            },
             tp_size=1,
             **common,
         ),
@@ -285,6 +308,16 @@ def _result(name: str, route: str, expected: list[str], report: dict[str, Any]) 
         bytes_loaded=report.get("bytes_loaded", 0),
         seconds=report.get("lookup_s", 0.0) + report.get("load_s", 0.0),
     )
+
+
+def _path_note(consumer: NodeProcess) -> str:
+    """How the consumer's rows of the last step moved: same-host copy, network, or both."""
+    stats = consumer.call("stats").get("vllm:kvpeer_pulled_chunks_by_path", {})
+    same = sum(v for labels, v in stats.items() if "same_host" in labels)
+    network = sum(v for labels, v in stats.items() if "network" in labels)
+    if same and network:
+        return f"{same:.0f} same-host + {network:.0f} network"
+    return "same-host copy" if same else ("network" if network else "")
 
 
 def _served(holder: NodeProcess) -> Callable[[], int]:

@@ -68,6 +68,10 @@ class TierConfig:
     pull_transport: str = "h2"
     #: Concurrent pulls this node runs at once (further jobs queue).
     max_concurrent_pulls: int = 4
+    #: Same-host fast path: ``auto`` copies rows straight from a holder's shared-memory
+    #: region when both nodes are on one host and the region opens (else the network
+    #: pull); ``off`` always pulls over the network and offers no region to peers.
+    same_host: str = "auto"
     #: How long a lease pins chunks for a peer that neither pulls nor releases.
     lease_ttl_s: float = 30.0
     #: How long a PD producer keeps a handoff's chunks pinned for its consumer.
@@ -243,6 +247,7 @@ _PARSERS = {
     "pull_streams": _count(1, 64),
     "pull_transport": _choice("h2", "grpc"),
     "max_concurrent_pulls": _count(1, 256),
+    "same_host": _choice("auto", "off"),
     "lease_ttl_s": _seconds(0.1, 3600),
     "handoff_timeout_s": _seconds(0.1, 3600),
     "handoff_wait_s": _seconds(0.01, 3600),

@@ -20,6 +20,8 @@ from vllm.v1.kv_offload.base import (
     OffloadingMetricMetadata,
 )
 
+from kvpeer.client.pull_job import PullResult
+
 PULLED_CHUNKS = "vllm:kvpeer_pulled_chunks"
 PULLED_BYTES = "vllm:kvpeer_pulled_bytes"
 SERVED_CHUNKS = "vllm:kvpeer_served_chunks"
@@ -29,6 +31,14 @@ LOOKUPS = "vllm:kvpeer_lookups"
 FAILURES = "vllm:kvpeer_failures"
 DIRECTORY_ERRORS = "vllm:kvpeer_directory_errors"
 HANDOFFS = "vllm:kvpeer_handoffs"
+PULLED_CHUNKS_BY_PATH = "vllm:kvpeer_pulled_chunks_by_path"
+PULLED_BYTES_BY_PATH = "vllm:kvpeer_pulled_bytes_by_path"
+SERVED_CHUNKS_BY_PATH = "vllm:kvpeer_served_chunks_by_path"
+SERVED_BYTES_BY_PATH = "vllm:kvpeer_served_bytes_by_path"
+SAME_HOST_FALLBACKS = "vllm:kvpeer_same_host_fallbacks"
+
+#: Label values of the ``*_by_path`` metrics: how the rows moved.
+PATHS = ("network", "same_host")
 
 #: Label values of LOOKUPS: how a consumer's chunk lookup ended.
 LOOKUP_OUTCOMES = ("hit", "miss", "timeout")
@@ -56,7 +66,55 @@ DEFINITIONS: Mapping[str, OffloadingMetricMetadata] = {
         "Prefill/decode handoffs produced by this node, by outcome (pulled, timeout, reset).",
         labelnames=("outcome",),
     ),
+    PULLED_CHUNKS_BY_PATH: OffloadingCounterMetadata(
+        "KV chunks pulled and verified, by path (network, same_host).", labelnames=("path",)
+    ),
+    PULLED_BYTES_BY_PATH: OffloadingCounterMetadata(
+        "Bytes of KV chunks pulled and verified, by path (network, same_host).",
+        labelnames=("path",),
+    ),
+    SERVED_CHUNKS_BY_PATH: OffloadingCounterMetadata(
+        "KV chunks served to peers, by path (network: streamed; same_host: mapped "
+        "for a same-host copy).",
+        labelnames=("path",),
+    ),
+    SERVED_BYTES_BY_PATH: OffloadingCounterMetadata(
+        "Bytes of KV chunks served to peers, by path (network, same_host).",
+        labelnames=("path",),
+    ),
+    SAME_HOST_FALLBACKS: OffloadingCounterMetadata(
+        "Pulls that used the network instead of the same-host fast path (wholly or in "
+        "part), by reason (other_host, no_region, open_failed, identity_mismatch, "
+        "identity_changed, region_truncated, bad_offsets, holder_refused, ...).",
+        labelnames=("reason",),
+    ),
 }
+
+
+def count_pulled_paths(tier_metrics: TierMetrics, result: PullResult, loaded: int) -> None:
+    """Count one pull's loaded rows by path, and why the fast path was left, if it was."""
+    same_rows, same_bytes = result.same_host_rows, result.same_host_bytes
+    tier_metrics.count(PULLED_CHUNKS_BY_PATH, same_rows, "same_host")
+    tier_metrics.count(PULLED_BYTES_BY_PATH, same_bytes, "same_host")
+    tier_metrics.count(PULLED_CHUNKS_BY_PATH, loaded - same_rows, "network")
+    tier_metrics.count(PULLED_BYTES_BY_PATH, result.bytes_loaded - same_bytes, "network")
+    if result.fallback:
+        tier_metrics.count(SAME_HOST_FALLBACKS, 1, result.fallback)
+
+
+def count_served(
+    tier_metrics: TierMetrics,
+    now: tuple[int, int, int, int],
+    before: tuple[int, int, int, int],
+) -> None:
+    """Count what the chunk server served since ``before``: (chunks, bytes) streamed, then mapped."""
+    chunks, nbytes, mapped_chunks, mapped_bytes = (a - b for a, b in zip(now, before, strict=True))
+    tier_metrics.count(SERVED_CHUNKS, chunks + mapped_chunks)
+    tier_metrics.count(SERVED_BYTES, nbytes + mapped_bytes)
+    tier_metrics.count(SERVED_CHUNKS_BY_PATH, chunks, "network")
+    tier_metrics.count(SERVED_BYTES_BY_PATH, nbytes, "network")
+    tier_metrics.count(SERVED_CHUNKS_BY_PATH, mapped_chunks, "same_host")
+    tier_metrics.count(SERVED_BYTES_BY_PATH, mapped_bytes, "same_host")
 
 
 class TierMetrics:

@@ -17,6 +17,10 @@ finished through the outbox, and vLLM unpins the rows at its next poll.
 
 Handoff lookups (``handoff_id`` set) are answered from the producer's parked
 store jobs instead (:mod:`kvpeer.tier.handoff`); they need no manager call.
+
+For the same-host fast path the source also describes the shared-memory file the
+primary tier is mapped from (``/dev/shm/vllm_offload_<engine_id>.mmap``), found
+from the primary view's own mapping (:class:`~kvpeer.api.same_host.RegionOffer`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from dataclasses import dataclass, field
 from vllm.v1.kv_offload.base import LookupResult, ReqContext
 from vllm.v1.kv_offload.tiering.base import JobResult, ParentManager
 
+from kvpeer.api.same_host import RegionOffer, SharedRegion
 from kvpeer.server.peer.chunk_source import ChunkSource, LookupRefused, PinnedChunks
 from kvpeer.tier.handoff import HandoffRegistry
 from kvpeer.tier.outbox import JobOutbox
@@ -56,6 +61,8 @@ class PrimaryChunkSource(ChunkSource):
         on_misses: called (under the manager lock, must not block) with keys a peer
             asked for that this node does not hold: the tier withdraws the ones
             it had published.
+        region: the primary tier's shared-memory file, offered to same-host peers
+            (None offers none: ``same_host: off``).
     """
 
     def __init__(
@@ -64,7 +71,9 @@ class PrimaryChunkSource(ChunkSource):
         outbox: JobOutbox,
         handoffs: HandoffRegistry,
         on_misses: Callable[[list[bytes]], None],
+        region: RegionOffer | None = None,
     ) -> None:
+        self._region = region
         self._rows = rows
         self._outbox = outbox
         self._handoffs = handoffs
@@ -79,6 +88,9 @@ class PrimaryChunkSource(ChunkSource):
         return self._rows.chunk_bytes
 
     # -- gRPC handler threads -------------------------------------------------
+
+    def region(self) -> SharedRegion | None:
+        return self._region.get() if self._region is not None else None
 
     def lookup(
         self,

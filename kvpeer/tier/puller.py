@@ -168,6 +168,7 @@ class Puller:
                 self._rows.release(view)
         ok = [key for (key, _, _), hit in zip(items, result.loaded, strict=True) if hit]
         bad = [key for (key, _, _), hit in zip(items, result.loaded, strict=True) if not hit]
+        metrics.count_pulled_paths(self._metrics, result, len(ok))
         if bad:
             # Rows damaged in transit get their own reason: they point at the network.
             self._metrics.count(metrics.FAILURES, result.corrupt, "digest_mismatch")

@@ -59,6 +59,7 @@ from vllm.v1.kv_offload.tiering.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvpeer.api.errors import ConfigError
+from kvpeer.api.same_host import RegionOffer
 from kvpeer.client.directory import DirectoryClient
 from kvpeer.client.peer import PeerClientPool
 from kvpeer.server.peer.service import PeerServer
@@ -137,8 +138,20 @@ class PeerSecondaryTier(SecondaryTierManager):
                 self._rows, self._outbox, self._metrics, config.handoff_timeout_s
             )
             undo.callback(self._handoffs.close)
+            region = None
+            if config.same_host == "auto":  # found now: no export of the view is kept
+                region = RegionOffer(
+                    primary_kv_view,
+                    row_bytes=self.block_size_bytes,
+                    engine_id=str(getattr(offloading_spec.config, "engine_id", "") or ""),
+                )
+                region.get()
             self._source = PrimaryChunkSource(
-                self._rows, self._outbox, self._handoffs, on_misses=self._withdraw_missing
+                self._rows,
+                self._outbox,
+                self._handoffs,
+                on_misses=self._withdraw_missing,
+                region=region,
             )
             self._server = PeerServer(
                 self._source,
@@ -166,6 +179,7 @@ class PeerSecondaryTier(SecondaryTierManager):
                 security=config.security,
                 rpc_timeout_s=config.rpc_timeout_s,
                 pull_transport=config.pull_transport,
+                same_host=config.same_host == "auto",
             )
             undo.callback(self._pool.close_all)
             self._publisher = Publisher(
@@ -192,7 +206,7 @@ class PeerSecondaryTier(SecondaryTierManager):
             )
             undo.callback(self._puller.close, SHUTDOWN_GRACE_S)
             undo.pop_all()
-        self._served = (0, 0)
+        self._served = (0, 0, 0, 0)
         self._can_ask = bool(config.directory or config.peers)
         self._starter = threading.Thread(
             target=self._start_sharing, name="kvpeer-start", daemon=True
@@ -385,10 +399,14 @@ class PeerSecondaryTier(SecondaryTierManager):
 
     def get_stats(self) -> OffloadingConnectorStats | None:
         served = self._server.stats()
-        chunks, nbytes = served["chunks_served"], served["bytes_served"]
-        self._metrics.count(metrics.SERVED_CHUNKS, chunks - self._served[0])
-        self._metrics.count(metrics.SERVED_BYTES, nbytes - self._served[1])
-        self._served = (chunks, nbytes)
+        now = (
+            served["chunks_served"],
+            served["bytes_served"],
+            served["chunks_mapped"],
+            served["bytes_mapped"],
+        )
+        metrics.count_served(self._metrics, now, self._served)
+        self._served = now
         return self._metrics.take()
 
     @classmethod

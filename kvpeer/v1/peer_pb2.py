@@ -25,29 +25,43 @@ _sym_db = _symbol_database.Default()
 from kvpeer.v1 import fingerprint_pb2 as kvpeer_dot_v1_dot_fingerprint__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kvpeer/v1/peer.proto\x12\tkvpeer.v1\x1a\x1bkvpeer/v1/fingerprint.proto\"\x7f\n\x10HandshakeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x04\x12+\n\x0b\x66ingerprint\x18\x04 \x01(\x0b\x32\x16.kvpeer.v1.Fingerprint\"\xdb\x01\n\x11HandshakeResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x04\x12+\n\x0b\x66ingerprint\x18\x04 \x01(\x0b\x32\x16.kvpeer.v1.Fingerprint\x12\x1b\n\x13max_keys_per_lookup\x18\x05 \x01(\r\x12\x14\n\x0clease_ttl_ms\x18\x06 \x01(\r\x12\x11\n\tpull_port\x18\x07 \x01(\r\x12\x13\n\x0blisten_port\x18\x08 \x01(\r\"v\n\rLookupRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x0c\n\x04hold\x18\x03 \x01(\x08\x12\x12\n\nhandoff_id\x18\x04 \x01(\t\x12\x0f\n\x07wait_ms\x18\x05 \x01(\r\x12\x0f\n\x07node_id\x18\x06 \x01(\t\"E\n\x0eLookupResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0b\n\x03hit\x18\x02 \x03(\x08\x12\x14\n\x0clease_ttl_ms\x18\x03 \x01(\r\"0\n\x0bPullRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0f\n\x07indices\x18\x02 \x03(\r\"A\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x0e\n\x06\x64igest\x18\x03 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\"\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\x11\n\x0fReleaseResponse2\x85\x02\n\x06KVPeer\x12\x46\n\tHandshake\x12\x1b.kvpeer.v1.HandshakeRequest\x1a\x1c.kvpeer.v1.HandshakeResponse\x12=\n\x06Lookup\x12\x18.kvpeer.v1.LookupRequest\x1a\x19.kvpeer.v1.LookupResponse\x12\x32\n\x04Pull\x12\x16.kvpeer.v1.PullRequest\x1a\x10.kvpeer.v1.Chunk0\x01\x12@\n\x07Release\x12\x19.kvpeer.v1.ReleaseRequest\x1a\x1a.kvpeer.v1.ReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kvpeer/v1/peer.proto\x12\tkvpeer.v1\x1a\x1bkvpeer/v1/fingerprint.proto\")\n\x04Host\x12\x0f\n\x07\x62oot_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\"|\n\x06Region\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06st_dev\x18\x03 \x01(\x04\x12\x0e\n\x06st_ino\x18\x04 \x01(\x04\x12\x11\n\tengine_id\x18\x05 \x01(\t\x12\x11\n\trow_bytes\x18\x06 \x01(\x04\x12\x10\n\x08num_rows\x18\x07 \x01(\x04\"\x9e\x01\n\x10HandshakeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x04\x12+\n\x0b\x66ingerprint\x18\x04 \x01(\x0b\x32\x16.kvpeer.v1.Fingerprint\x12\x1d\n\x04host\x18\x05 \x01(\x0b\x32\x0f.kvpeer.v1.Host\"\x9d\x02\n\x11HandshakeResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x04\x12+\n\x0b\x66ingerprint\x18\x04 \x01(\x0b\x32\x16.kvpeer.v1.Fingerprint\x12\x1b\n\x13max_keys_per_lookup\x18\x05 \x01(\r\x12\x14\n\x0clease_ttl_ms\x18\x06 \x01(\r\x12\x11\n\tpull_port\x18\x07 \x01(\r\x12\x13\n\x0blisten_port\x18\x08 \x01(\r\x12\x1d\n\x04host\x18\t \x01(\x0b\x32\x0f.kvpeer.v1.Host\x12!\n\x06region\x18\n \x01(\x0b\x32\x11.kvpeer.v1.Region\"v\n\rLookupRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x0c\n\x04hold\x18\x03 \x01(\x08\x12\x12\n\nhandoff_id\x18\x04 \x01(\t\x12\x0f\n\x07wait_ms\x18\x05 \x01(\r\x12\x0f\n\x07node_id\x18\x06 \x01(\t\"E\n\x0eLookupResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0b\n\x03hit\x18\x02 \x03(\x08\x12\x14\n\x0clease_ttl_ms\x18\x03 \x01(\r\"0\n\x0bPullRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0f\n\x07indices\x18\x02 \x03(\r\"A\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x0e\n\x06\x64igest\x18\x03 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\"\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\x11\n\x0fReleaseResponse\"3\n\x0eMapRowsRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0f\n\x07indices\x18\x02 \x03(\r\"W\n\tMappedRow\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0e\n\x06length\x18\x04 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x05 \x01(\x0c\"X\n\x0fMapRowsResponse\x12!\n\x06region\x18\x01 \x01(\x0b\x32\x11.kvpeer.v1.Region\x12\"\n\x04rows\x18\x02 \x03(\x0b\x32\x14.kvpeer.v1.MappedRow\"%\n\x11\x43heckLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\x14\n\x12\x43heckLeaseResponse2\x92\x03\n\x06KVPeer\x12\x46\n\tHandshake\x12\x1b.kvpeer.v1.HandshakeRequest\x1a\x1c.kvpeer.v1.HandshakeResponse\x12=\n\x06Lookup\x12\x18.kvpeer.v1.LookupRequest\x1a\x19.kvpeer.v1.LookupResponse\x12\x32\n\x04Pull\x12\x16.kvpeer.v1.PullRequest\x1a\x10.kvpeer.v1.Chunk0\x01\x12@\n\x07Release\x12\x19.kvpeer.v1.ReleaseRequest\x1a\x1a.kvpeer.v1.ReleaseResponse\x12@\n\x07MapRows\x12\x19.kvpeer.v1.MapRowsRequest\x1a\x1a.kvpeer.v1.MapRowsResponse\x12I\n\nCheckLease\x12\x1c.kvpeer.v1.CheckLeaseRequest\x1a\x1d.kvpeer.v1.CheckLeaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvpeer.v1.peer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_HANDSHAKEREQUEST']._serialized_start=64
-  _globals['_HANDSHAKEREQUEST']._serialized_end=191
-  _globals['_HANDSHAKERESPONSE']._serialized_start=194
-  _globals['_HANDSHAKERESPONSE']._serialized_end=413
-  _globals['_LOOKUPREQUEST']._serialized_start=415
-  _globals['_LOOKUPREQUEST']._serialized_end=533
-  _globals['_LOOKUPRESPONSE']._serialized_start=535
-  _globals['_LOOKUPRESPONSE']._serialized_end=604
-  _globals['_PULLREQUEST']._serialized_start=606
-  _globals['_PULLREQUEST']._serialized_end=654
-  _globals['_CHUNK']._serialized_start=656
-  _globals['_CHUNK']._serialized_end=721
-  _globals['_RELEASEREQUEST']._serialized_start=723
-  _globals['_RELEASEREQUEST']._serialized_end=757
-  _globals['_RELEASERESPONSE']._serialized_start=759
-  _globals['_RELEASERESPONSE']._serialized_end=776
-  _globals['_KVPEER']._serialized_start=779
-  _globals['_KVPEER']._serialized_end=1040
+  _globals['_HOST']._serialized_start=64
+  _globals['_HOST']._serialized_end=105
+  _globals['_REGION']._serialized_start=107
+  _globals['_REGION']._serialized_end=231
+  _globals['_HANDSHAKEREQUEST']._serialized_start=234
+  _globals['_HANDSHAKEREQUEST']._serialized_end=392
+  _globals['_HANDSHAKERESPONSE']._serialized_start=395
+  _globals['_HANDSHAKERESPONSE']._serialized_end=680
+  _globals['_LOOKUPREQUEST']._serialized_start=682
+  _globals['_LOOKUPREQUEST']._serialized_end=800
+  _globals['_LOOKUPRESPONSE']._serialized_start=802
+  _globals['_LOOKUPRESPONSE']._serialized_end=871
+  _globals['_PULLREQUEST']._serialized_start=873
+  _globals['_PULLREQUEST']._serialized_end=921
+  _globals['_CHUNK']._serialized_start=923
+  _globals['_CHUNK']._serialized_end=988
+  _globals['_RELEASEREQUEST']._serialized_start=990
+  _globals['_RELEASEREQUEST']._serialized_end=1024
+  _globals['_RELEASERESPONSE']._serialized_start=1026
+  _globals['_RELEASERESPONSE']._serialized_end=1043
+  _globals['_MAPROWSREQUEST']._serialized_start=1045
+  _globals['_MAPROWSREQUEST']._serialized_end=1096
+  _globals['_MAPPEDROW']._serialized_start=1098
+  _globals['_MAPPEDROW']._serialized_end=1185
+  _globals['_MAPROWSRESPONSE']._serialized_start=1187
+  _globals['_MAPROWSRESPONSE']._serialized_end=1275
+  _globals['_CHECKLEASEREQUEST']._serialized_start=1277
+  _globals['_CHECKLEASEREQUEST']._serialized_end=1314
+  _globals['_CHECKLEASERESPONSE']._serialized_start=1316
+  _globals['_CHECKLEASERESPONSE']._serialized_end=1336
+  _globals['_KVPEER']._serialized_start=1339
+  _globals['_KVPEER']._serialized_end=1741
 # @@protoc_insertion_point(module_scope)

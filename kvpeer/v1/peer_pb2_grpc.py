@@ -60,6 +60,16 @@ class KVPeerStub:
                 request_serializer=kvpeer_dot_v1_dot_peer__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=kvpeer_dot_v1_dot_peer__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.MapRows = channel.unary_unary(
+                '/kvpeer.v1.KVPeer/MapRows',
+                request_serializer=kvpeer_dot_v1_dot_peer__pb2.MapRowsRequest.SerializeToString,
+                response_deserializer=kvpeer_dot_v1_dot_peer__pb2.MapRowsResponse.FromString,
+                _registered_method=True)
+        self.CheckLease = channel.unary_unary(
+                '/kvpeer.v1.KVPeer/CheckLease',
+                request_serializer=kvpeer_dot_v1_dot_peer__pb2.CheckLeaseRequest.SerializeToString,
+                response_deserializer=kvpeer_dot_v1_dot_peer__pb2.CheckLeaseResponse.FromString,
+                _registered_method=True)
 
 
 class KVPeerServicer:
@@ -100,6 +110,25 @@ class KVPeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MapRows(self, request, context):
+        """Same-host fast path: where the pinned rows of a lease lie in this node's
+        shared-memory region (the handshake's `region`), each with its digest, so a
+        consumer on the same host copies them itself. Same authorisation as Pull;
+        FAILED_PRECONDITION when this node offers no region.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckLease(self, request, context):
+        """Whether a lease is still live (not released, expired or revoked by a cache
+        reset): NOT_FOUND otherwise. A consumer that copied rows by MapRows calls it
+        afterwards and keeps the rows only when the lease was live all along.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVPeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -122,6 +151,16 @@ def add_KVPeerServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=kvpeer_dot_v1_dot_peer__pb2.ReleaseRequest.FromString,
                     response_serializer=kvpeer_dot_v1_dot_peer__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'MapRows': grpc.unary_unary_rpc_method_handler(
+                    servicer.MapRows,
+                    request_deserializer=kvpeer_dot_v1_dot_peer__pb2.MapRowsRequest.FromString,
+                    response_serializer=kvpeer_dot_v1_dot_peer__pb2.MapRowsResponse.SerializeToString,
+            ),
+            'CheckLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckLease,
+                    request_deserializer=kvpeer_dot_v1_dot_peer__pb2.CheckLeaseRequest.FromString,
+                    response_serializer=kvpeer_dot_v1_dot_peer__pb2.CheckLeaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -238,6 +277,60 @@ class KVPeer:
             '/kvpeer.v1.KVPeer/Release',
             kvpeer_dot_v1_dot_peer__pb2.ReleaseRequest.SerializeToString,
             kvpeer_dot_v1_dot_peer__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MapRows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvpeer.v1.KVPeer/MapRows',
+            kvpeer_dot_v1_dot_peer__pb2.MapRowsRequest.SerializeToString,
+            kvpeer_dot_v1_dot_peer__pb2.MapRowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvpeer.v1.KVPeer/CheckLease',
+            kvpeer_dot_v1_dot_peer__pb2.CheckLeaseRequest.SerializeToString,
+            kvpeer_dot_v1_dot_peer__pb2.CheckLeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

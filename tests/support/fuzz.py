@@ -238,11 +238,20 @@ def from_pool(pool: Callable[[], Sequence[Any]], fallback: Any) -> SearchStrateg
 
 
 def _adversarial_values(
-    field: FieldDescriptor, fingerprints: Sequence[Fingerprint]
+    field: FieldDescriptor,
+    fingerprints: Sequence[Fingerprint],
+    hints: Mapping[str, Hint] | None = None,
 ) -> SearchStrategy[Any]:
     if field.type == FieldDescriptor.TYPE_MESSAGE:
-        assert field.message_type.full_name == "kvpeer.v1.Fingerprint", field.full_name
-        element: SearchStrategy[Any] = fingerprint_protos(fingerprints)
+        if field.message_type.full_name == "kvpeer.v1.Fingerprint":
+            element: SearchStrategy[Any] = fingerprint_protos(fingerprints)
+        else:  # another nested message (Host, Region, MappedRow): its fields, recursively
+            from google.protobuf.message_factory import GetMessageClass
+
+            nested = GetMessageClass(field.message_type)
+            element = st.deferred(
+                lambda: message_strategy(nested, hints=hints, fingerprints=fingerprints)
+            )
     elif field.type == FieldDescriptor.TYPE_STRING:
         element = adversarial_text()
     elif field.type == FieldDescriptor.TYPE_BYTES:
@@ -277,7 +286,7 @@ def message_strategy(
     hints = hints or {}
     good = fingerprints or [Fingerprint.of(model="m")]
     fields = [
-        (field.name, hints.get(field.name), _adversarial_values(field, good))
+        (field.name, hints.get(field.name), _adversarial_values(field, good, hints))
         for field in cls.DESCRIPTOR.fields
     ]
 

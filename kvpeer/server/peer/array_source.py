@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvpeer.api.errors import KVPeerError
+from kvpeer.api.same_host import RegionOffer, SharedRegion
 from kvpeer.server.peer.chunk_source import ChunkSource, PinnedChunks
 
 
@@ -79,6 +80,8 @@ class ArrayChunkSource(ChunkSource):
         self._index: dict[bytes, int] = {}
         self._free = list(range(num_chunks - 1, -1, -1))
         self._closed = False
+        #: The same-host fast path's region: found when the buffer maps a /dev/shm file.
+        self._offer = RegionOffer(self._array, row_bytes=chunk_bytes)
 
     # -- ChunkSource ---------------------------------------------------------
 
@@ -121,6 +124,10 @@ class ArrayChunkSource(ChunkSource):
         pinned = list(rows.values())
         views = {i: memoryview(self._array[row]).toreadonly() for i, row in rows.items()}
         return PinnedChunks(hits=hits, rows=views, _release=lambda: self._unpin(pinned))
+
+    def region(self) -> SharedRegion | None:
+        """The /dev/shm file the buffer maps, if it does (same-host fast path)."""
+        return self._offer.get()
 
     def close(self) -> None:
         """Answer every later lookup with misses; pins already handed out stay valid."""

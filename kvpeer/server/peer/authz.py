@@ -5,7 +5,7 @@ credentials (:meth:`AccessPolicy.principal_of`: client certificate, token):
 
 - Handshake: every authenticated principal (operators probe nodes with grpcurl);
   a ``node`` that names a ``node_id`` must name its own (PERMISSION_DENIED naming both).
-- Lookup, Release, Pull: ``node`` and ``admin`` only. KV bytes are tenants' data; a
+- Lookup, Release, Pull, MapRows, CheckLease: ``node`` and ``admin`` only. KV bytes are tenants' data; a
   ``reader`` (router, proxy) never needs them (PERMISSION_DENIED), even holding a
   lease id. The pull port applies the same rule to its TLS session and token
   (:meth:`kvpeer.transport.server_frames.InboundFrames._role_refusal`).
@@ -20,7 +20,7 @@ import grpc
 from kvpeer.api.identity import AccessPolicy, AccessRefused, Principal, Role
 
 #: Methods that read or pin KV bytes.
-DATA_METHODS = frozenset({"Lookup", "Release", "Pull"})
+DATA_METHODS = frozenset({"Lookup", "Release", "Pull", "MapRows", "CheckLease"})
 
 
 def refusal(

@@ -18,6 +18,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from kvpeer.api.same_host import SharedRegion
+
 
 @dataclass
 class PinnedChunks:
@@ -73,6 +75,16 @@ class ChunkSource(ABC):
             LookupRefused: the source will not answer (e.g. a timed-out handoff);
                 the server maps it to a gRPC status with the message.
         """
+
+    def region(self) -> SharedRegion | None:
+        """The shared-memory file every pinned row lies in, for the same-host fast path.
+
+        None (the default) offers no fast path: consumers on the same host pull over
+        the network. An implementation re-checks that the file is still the one it
+        mapped (:meth:`SharedRegion.still_at_path`) and answers None when not. Called
+        from gRPC handler threads (handshake, MapRows); must not block.
+        """
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Stop answering; pins already handed out stay valid until released."""

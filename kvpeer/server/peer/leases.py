@@ -162,6 +162,16 @@ class LeaseTable:
         if unpin:
             _unpin(lease)
 
+    def is_live(self, lease_id: str) -> bool:
+        """Whether ``lease_id`` is in the table and unexpired (never released, expired or revoked).
+
+        A lease that leaves the table never comes back, so True means the lease
+        was live all along since it was created (the same-host fast path's check).
+        """
+        with self._lock:
+            lease = self._live.get(lease_id)
+            return lease is not None and self._clock() < lease.expires_at
+
     def release(self, lease_id: str) -> None:
         """Release a lease (deferred while a Pull reads it).
 

@@ -18,6 +18,13 @@ Two choices keep the data plane fast and the server robust:
 Every refusal carries a status from the contract (INVALID_ARGUMENT, NOT_FOUND,
 RESOURCE_EXHAUSTED, FAILED_PRECONDITION) and a message naming the field or limit,
 and is counted in :meth:`PeerServer.stats`.
+
+The same-host fast path (MapRows, CheckLease) lives in :mod:`.same_host`; the
+handshake says which host this node is on and which region it offers.
+
+Why it is long: it is the one servicer of ``kvpeer.v1.KVPeer``; each handler is a
+few lines over the lease table and the source, and the checks they share
+(parse, authorise, refuse) are here once.
 """
 
 from __future__ import annotations
@@ -38,12 +45,14 @@ from kvpeer.api.errors import WireError
 from kvpeer.api.fingerprint import Fingerprint
 from kvpeer.api.identity import AccessPolicy
 from kvpeer.api.limits import MAX_KEY_BYTES, status_details
+from kvpeer.api.same_host import this_host
 from kvpeer.api.security import Security
 from kvpeer.api.wire import MAX_HEADER_BYTES
 from kvpeer.server.grpc_server import GrpcServer, Service
 from kvpeer.server.peer import authz
 from kvpeer.server.peer.chunk_source import ChunkSource, LookupRefused
 from kvpeer.server.peer.leases import Lease, LeaseNotFound, LeaseTable, TooManyLeases
+from kvpeer.server.peer.same_host import RowMapping, map_rows
 from kvpeer.transport.pull_server import STATS_KEYS as PULL_STATS_KEYS
 from kvpeer.transport.pull_server import PullServer, PullServerOptions
 from kvpeer.transport.pull_stream import REVOKED_MESSAGE, PullStream, Refusal
@@ -103,7 +112,7 @@ class KVPeerServicer:
         self._options = options
         self._leases = LeaseTable(options.lease_ttl_s, options.max_leases)
         self._streams_lock = threading.Lock()
-        self._streams: set[PullStream] = set()
+        self._streams: set[PullStream | RowMapping] = set()
         #: Ports the handshake advertises; set by PeerServer once it is bound.
         self.listen_port = 0
         self.pull_port = 0
@@ -118,6 +127,7 @@ class KVPeerServicer:
         self._count("handshakes")
         if request.HasField("fingerprint"):
             self._check_compatible(request, context)
+        region = self._source.region()
         return peer_pb2.HandshakeResponse(
             protocol_version=PROTOCOL_VERSION,
             node_id=self.node_id,
@@ -127,6 +137,8 @@ class KVPeerServicer:
             lease_ttl_ms=round(self._options.lease_ttl_s * 1000),
             pull_port=self.pull_port,
             listen_port=self.listen_port,
+            host=this_host().to_proto(),
+            region=region.to_proto() if region is not None else None,
         ).SerializeToString()
 
     def lookup(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
@@ -242,6 +254,36 @@ class KVPeerServicer:
             self._abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
         return peer_pb2.ReleaseResponse().SerializeToString()
 
+    def map_rows(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        """Same-host fast path: offsets and digests of a lease's pinned rows (see .same_host)."""
+        request = self._parse(peer_pb2.MapRowsRequest, raw, context)
+        self._authorize(context, "MapRows")
+        try:
+            lease = self._leases.begin_pull(request.lease_id)
+        except LeaseNotFound as exc:
+            self._abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
+        mapping = RowMapping(lease)
+        with self._streams_lock:
+            self._streams.add(mapping)
+        try:
+            indices = self._pull_indices(lease, list(request.indices))
+            response = map_rows(self._source, mapping, indices, self._count)
+        except Refusal as refusal:
+            self._abort(context, refusal.code, refusal.message)
+        finally:
+            with self._streams_lock:
+                self._streams.discard(mapping)
+            self._leases.end_pull(lease)
+        return response.SerializeToString()
+
+    def check_lease(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        """OK while the lease is live; NOT_FOUND once released, expired or revoked."""
+        request = self._parse(peer_pb2.CheckLeaseRequest, raw, context)
+        self._authorize(context, "CheckLease")
+        if not self._leases.is_live(request.lease_id):
+            self._abort(context, grpc.StatusCode.NOT_FOUND, _lease_gone(request.lease_id))
+        return peer_pb2.CheckLeaseResponse().SerializeToString()
+
     # -- for PeerServer --------------------------------------------------------
 
     @property
@@ -283,6 +325,8 @@ class KVPeerServicer:
             "pulls": counts.get("pulls", 0),
             "chunks_served": counts.get("chunks_served", 0),
             "bytes_served": counts.get("bytes_served", 0),
+            "chunks_mapped": counts.get("chunks_mapped", 0),
+            "bytes_mapped": counts.get("bytes_mapped", 0),
             "leases_live": len(self._leases),
             "leases_created": leases.created,
             "leases_released": leases.released,
@@ -402,6 +446,14 @@ class KVPeerServicer:
         )
 
 
+def _lease_gone(lease_id: str) -> str:
+    shown = lease_id if len(lease_id) <= 40 else lease_id[:40] + "..."
+    return (
+        f"lease {shown!r} is unknown, released, expired or revoked: the rows copied "
+        "under it may have changed"
+    )
+
+
 class _GrpcPullMessages:
     """The response iterator of a Pull on grpcio: one ``bytes`` message per row.
 
@@ -495,6 +547,8 @@ class PeerServer:
                 "Lookup": grpc.unary_unary_rpc_method_handler(self.servicer.lookup),
                 "Pull": grpc.unary_stream_rpc_method_handler(self.servicer.pull),
                 "Release": grpc.unary_unary_rpc_method_handler(self.servicer.release),
+                "MapRows": grpc.unary_unary_rpc_method_handler(self.servicer.map_rows),
+                "CheckLease": grpc.unary_unary_rpc_method_handler(self.servicer.check_lease),
             },
         )
         self._grpc = GrpcServer(
@@ -576,7 +630,7 @@ class PeerServer:
         """Counters since start: calls, chunks and bytes served, leases, errors by status.
 
         Keys: handshakes, lookups, lookup_keys, lookup_hits, pulls, chunks_served,
-        bytes_served, leases_live, leases_created, leases_released, leases_expired,
+        bytes_served, chunks_mapped, bytes_mapped (same-host MapRows), leases_live, leases_created, leases_released, leases_expired,
         errors_total and one ``errors_<status>`` (e.g. ``errors_not_found``) per
         status answered so far (both ports); and of the pull port:
         pull_port_connections (open now), pull_port_calls,
