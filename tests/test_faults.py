@@ -33,7 +33,7 @@ from kvpeer.sim.node import NodeProcess
 from kvpeer.sim.relay import Faults, Relay
 from kvpeer.sim.rows import chunk_keys, keyed_row
 from kvpeer.tier import metrics
-from tests.support.cluster import Cluster, free_port, hexkeys, idle, published, wait_for
+from tests.support.cluster import REMOTE, Cluster, free_port, hexkeys, idle, published, wait_for
 from tests.support.faults import StallingServer, counter, registrations, run_request
 from tests.support.redis_server import RedisServer
 
@@ -81,6 +81,7 @@ def shared_link(tmp_path_factory: Any) -> Iterator[Link]:
             tier={
                 "listen": f"127.0.0.1:{port}",
                 "advertise": relay.endpoint,
+                **REMOTE,
                 "lease_ttl_s": HOLDER_LEASE_S,
             },
         )

@@ -19,6 +19,7 @@ import pytest
 from kvpeer.sim.relay import Faults, Relay
 from kvpeer.sim.rows import chunk_keys
 from tests.support.cluster import (
+    REMOTE,
     free_port,
     hexkeys,
     holders,
@@ -47,6 +48,30 @@ def test_b_reuses_a_prefix_through_static_peers(cluster, transport):
     assert report["steps"] > 1, "the first lookup must answer RETRY, not block"
     assert report["stored_chunks"] == 0
     wait_for(lambda: idle(a, b), what="pins released on both nodes")
+
+
+def test_static_peer_of_another_fingerprint_is_a_miss_warned_about_once(cluster):
+    # Another hash seed: the holder's chunks mean something else, so its fingerprint
+    # differs and it refuses the consumer's probes (IncompatiblePeerError).
+    a, b = cluster.pair(holder={"env": {"PYTHONHASHSEED": "1"}})
+    assert a.info["fingerprint"] != b.info["fingerprint"]
+    for prompt in ("incompatible-1", "incompatible-2"):
+        keys = chunk_keys(prompt, 4)
+        a.call("store", keys=hexkeys(keys))
+
+        report = b.call("request", keys=hexkeys(keys))
+
+        assert report["hit_chunks"] == 0 and report["wrong_chunks"] == []
+        assert report["stored_chunks"] == 4  # recomputed, as vLLM would
+
+    failures = b.call("stats").get("vllm:kvpeer_failures", {})
+    assert failures.get("incompatible_peer", 0) >= 2, failures  # each probe counts
+    with open(b.log_path, errors="replace") as f:
+        log = f.read()
+    assert "lookup failed" not in log, log[-3000:]  # the failed probe is a miss, not a crash
+    warned = [line for line in log.splitlines() if "incompatible peer" in line]
+    assert len(warned) == 1, warned  # once per peer: it will not change
+    assert a.endpoint in warned[0]
 
 
 def test_prefix_found_through_the_directory_and_split_over_two_holders(cluster):
@@ -114,6 +139,7 @@ def test_holder_killed_mid_pull_gives_partial_success_and_no_leaks(cluster):
                 "directory": directory.endpoint,
                 "listen": f"127.0.0.1:{port}",
                 "advertise": relay.endpoint,
+                **REMOTE,
             },
         )
         b = cluster.node(
@@ -172,7 +198,7 @@ def test_reset_cache_during_a_pull_revokes_leases_without_wrong_bytes(cluster):
             "a",
             start=False,
             **BIG,
-            tier={"listen": f"127.0.0.1:{port}", "advertise": relay.endpoint},
+            tier={"listen": f"127.0.0.1:{port}", "advertise": relay.endpoint, **REMOTE},
         )
         b = cluster.node(
             "b", start=False, **BIG, tier={"peers": [relay.endpoint], "pull_streams": 2}
@@ -205,7 +231,12 @@ def test_consumer_shutdown_mid_pull_is_bounded_and_holder_pins_expire(cluster):
             "a",
             start=False,
             **BIG,
-            tier={"listen": f"127.0.0.1:{port}", "advertise": relay.endpoint, "lease_ttl_s": 3.0},
+            tier={
+                "listen": f"127.0.0.1:{port}",
+                "advertise": relay.endpoint,
+                **REMOTE,
+                "lease_ttl_s": 3.0,
+            },
         )
         b = cluster.node("b", start=False, **BIG, tier={"peers": [relay.endpoint]})
         cluster.start(a, b)

@@ -18,6 +18,11 @@ import pytest
 from kvpeer.sim.directory import DirectoryProcess
 from kvpeer.sim.node import NodeProcess, NodeSpec
 
+#: Tier keys of a holder reached through a fault-injecting relay: it stands for a node on
+#: another host, so it offers no same-host region (a consumer on this machine would
+#: otherwise copy its rows straight from /dev/shm, past the relay and its faults).
+REMOTE: dict[str, Any] = {"same_host": "off"}
+
 
 class Cluster:
     """Processes of one test; everything started through it is torn down by the fixture."""
