@@ -175,7 +175,7 @@ def test_a_reader_reads_but_never_writes(cert_directory, dial, ca, leaves) -> No
     assert holders(reader, keys(4)) == [{("node-a", epoch)}] * 4
 
 
-def test_list_nodes_shows_epochs_only_to_the_node_itself_and_admins(
+def test_list_nodes_and_score_show_epochs_only_to_the_node_itself_and_admins(
     cert_directory, dial, ca, leaves
 ) -> None:
     stubs = {name: dial(cert_directory, as_cert(ca, leaves[name])) for name in leaves}
@@ -184,7 +184,12 @@ def test_list_nodes_shows_epochs_only_to_the_node_itself_and_admins(
 
     def epochs(caller: str) -> dict[str, int]:
         response = stubs[caller].ListNodes(pb.ListNodesRequest(), timeout=RPC_TIMEOUT_S)
-        return {n.node_id: n.epoch for n in response.nodes}
+        listed = {n.node_id: n.epoch for n in response.nodes}
+        scored = stubs[caller].Score(pb.ScoreRequest(keys=keys(2)), timeout=RPC_TIMEOUT_S)
+        assert {n.node_id: n.epoch for n in scored.nodes} == listed, (
+            "Score shows what ListNodes does"
+        )
+        return listed
 
     assert epochs("node-a") == {"node-a": epoch_a, "node-b": 0}
     assert epochs("node-b") == {"node-a": 0, "node-b": epoch_b}
@@ -466,8 +471,14 @@ def test_namespace_allow_list(make_directory, dial, ca, leaves, identity_map, tm
         error = rpc_error(call)
         assert error.code() == grpc.StatusCode.PERMISSION_DENIED
         assert FP_B.digest in error.details() and "node-b" not in error.details()
+    score_b = pb.ScoreRequest(fingerprint=FP_B.digest, keys=keys(3))
+    error = rpc_error(lambda: node_a.Score(score_b, timeout=RPC_TIMEOUT_S))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED and FP_B.digest in error.details()
     listed = node_a.ListNodes(pb.ListNodesRequest(), timeout=RPC_TIMEOUT_S).nodes
     assert [n.node_id for n in listed] == ["node-a"]
+    scored = node_a.Score(pb.ScoreRequest(keys=keys(3)), timeout=RPC_TIMEOUT_S).nodes
+    assert [n.node_id for n in scored] == ["node-a"]  # node-b's 3 held keys stay hidden
+    assert [n.prefix_keys for n in router.Score(score_b, timeout=RPC_TIMEOUT_S).nodes] == [3]
     # Those listed see it; unlisted namespaces stay open to all.
     assert holders(router, keys(3), FP_B) == [{("node-b", epoch_b)}] * 3
     assert holders(node_b, keys(1), FP_A) == [set()]

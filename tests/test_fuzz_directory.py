@@ -89,6 +89,7 @@ DIRECTORY_ALLOWED = {
     "Leave": _NODE_CODES,
     "ListNodes": _REQUEST_CODES,
     "Stats": _REQUEST_CODES,
+    "Score": _REQUEST_CODES,
 }
 
 
@@ -153,10 +154,23 @@ class DirectoryModel:
                 endpoint=st.sampled_from(GOOD_ENDPOINTS),
                 fingerprint=st.sampled_from([FP_A.to_proto(), FP_B.to_proto()]),
             )
-        if method in ("Locate", "ListNodes"):
+        if method in ("Locate", "ListNodes", "Score"):
             digests = st.sampled_from([FP_A.digest, FP_B.digest])
             if method == "ListNodes":
                 return st.builds(dpb.ListNodesRequest, fingerprint=st.one_of(st.just(""), digests))
+            if method == "Score":
+                held = from_pool(
+                    lambda: [sorted(r.keys) for r in self.nodes.values() if r.keys],
+                    DIRECTORY_KEYS[:4],
+                )  # a node's keys in some order, then others: prefixes of every length
+                prefixes = held.flatmap(
+                    lambda ks: st.permutations(ks).map(lambda p: p + DIRECTORY_KEYS[:3])
+                )
+                return st.builds(
+                    dpb.ScoreRequest,
+                    fingerprint=st.one_of(st.just(""), digests),
+                    keys=st.one_of(keys, prefixes),
+                )
             return st.builds(dpb.LocateRequest, fingerprint=digests, keys=keys)
         if method == "Stats":
             return st.just(dpb.StatsRequest())
@@ -315,6 +329,32 @@ class DirectoryModel:
             if not wanted or reg.fingerprint == wanted
         }
         assert got == want
+
+    def _check_score(self, request: Message, fuzz: FuzzInput, outcome: Outcome) -> None:
+        wanted = request.fingerprint
+        if wanted and not _DIGEST.fullmatch(wanted):
+            code = Code.INVALID_ARGUMENT
+        elif (batch := _batch_code(request.keys)) is not None:
+            code = batch
+        elif len({len(k) for k in request.keys}) > 1:
+            code = Code.INVALID_ARGUMENT
+        else:
+            code = Code.OK
+        expect(outcome, code, fuzz)
+        if code != Code.OK:
+            return
+        response = single_response(dpb.ScoreResponse, outcome)
+        got = [
+            (n.node_id, n.epoch, n.endpoint, n.fingerprint, n.prefix_keys) for n in response.nodes
+        ]
+        want = []
+        for node_id, reg in self.nodes.items():
+            if wanted and reg.fingerprint != wanted:
+                continue
+            held = next((i for i, k in enumerate(request.keys) if k not in reg.keys), None)
+            prefix = len(request.keys) if held is None else held
+            want.append((node_id, reg.epoch, reg.endpoint, reg.fingerprint, prefix))
+        assert got == sorted(want, key=lambda n: (-n[4], n[0])), "scores or their order"
 
     def _check_stats(self, request: Message, fuzz: FuzzInput, outcome: Outcome) -> None:
         expect(outcome, Code.OK, fuzz)

@@ -29,6 +29,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "show the fingerprints of nodes or of the directory, and why two nodes do not share",
     ),
     "bench": ("kvpeer.cli.bench", "compare kvpeer with raw TCP and vLLM's p2p tier"),
+    "keys": (
+        "kvpeer.cli.keys",
+        "compute the chunk keys vLLM and the tier compute for token ids (no vLLM needed)",
+    ),
 }
 
 

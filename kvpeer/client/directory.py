@@ -30,7 +30,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -40,6 +40,7 @@ from kvpeer.api.errors import ConfigError
 from kvpeer.api.fingerprint import Fingerprint
 from kvpeer.api.limits import MAX_KEY_BYTES, MAX_KEYS_PER_CALL
 from kvpeer.api.security import Security
+from kvpeer.client.score import load_message
 from kvpeer.v1 import directory_pb2 as pb
 from kvpeer.v1 import directory_pb2_grpc
 
@@ -125,6 +126,8 @@ class DirectoryClient:
         locate_backoff_s: after a Locate could not reach the directory, further
             locates answer "nobody has it" at once for this long (unless the
             background thread reaches the directory first).
+        load: the node's load figures, sent with each heartbeat for routers (see
+            :func:`kvpeer.client.score.load_message`); None sends none.
     """
 
     def __init__(
@@ -140,6 +143,7 @@ class DirectoryClient:
         publish_interval_s: float = 0.05,
         publish: bool = True,
         locate_backoff_s: float = 1.0,
+        load: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         self._target = str(parse_endpoint(endpoint, key="directory"))
         if not node_id or any(c.isspace() for c in node_id):
@@ -160,6 +164,7 @@ class DirectoryClient:
         self._batch_keys = publish_batch_keys
         self._interval = publish_interval_s
         self._locate_backoff = locate_backoff_s
+        self._load = load
         self._channel = (security or Security()).open_channel(self._target, _CHANNEL_OPTIONS)
         self._stub = directory_pb2_grpc.DirectoryStub(self._channel)
 
@@ -501,7 +506,10 @@ class DirectoryClient:
             epoch = self._epoch
         try:
             response = self._stub.Heartbeat(
-                pb.HeartbeatRequest(node_id=self.node_id, epoch=epoch), timeout=self._rpc_timeout
+                pb.HeartbeatRequest(
+                    node_id=self.node_id, epoch=epoch, load=load_message(self._load)
+                ),
+                timeout=self._rpc_timeout,
             )
         except grpc.RpcError as exc:
             with self._cond:

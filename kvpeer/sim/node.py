@@ -297,6 +297,26 @@ class _Node:
         )
         return report.checked(raw, self._row, self.chunk_bytes)
 
+    def op_request_tokens(
+        self, tokens: Sequence[int], cache_salt: str | None = None, **request: Any
+    ) -> dict[str, Any]:
+        """:meth:`op_request` over the chunk keys vLLM computes for ``tokens`` (also returned).
+
+        The keys come from vLLM's own request block hasher (kvpeer.sim.vllm_keys),
+        with this node's block size, blocks per chunk and hash algorithm.
+        """
+        from kvpeer.sim.vllm_keys import vllm_chunk_keys
+
+        keys = vllm_chunk_keys(
+            tokens,
+            block_size=self.spec.tokens_per_block,
+            blocks_per_chunk=self.spec.blocks_per_chunk,
+            hash_algo=self.spec.hash_algo,
+            cache_salt=cache_salt,
+        )
+        hexkeys = [k.hex() for k in keys]
+        return {**self.op_request(hexkeys, **request), "keys": hexkeys}
+
     def op_probe_caller_io(
         self, keys: Sequence[str], inbound_keys: Sequence[str]
     ) -> dict[str, Any]:

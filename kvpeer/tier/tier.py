@@ -130,6 +130,8 @@ class PeerSecondaryTier(SecondaryTierManager):
         self._outbox = JobOutbox()
         self._consumers: dict[int, ConsumerState] = {}
         self._directory: DirectoryClient | None = None
+        #: Requests between on_new_request and on_request_finished (load for routers).
+        self._running_requests = 0
         self._stopping = threading.Event()
         with contextlib.ExitStack() as undo:
             self._rows = PrimaryRows(primary_kv_view)
@@ -266,6 +268,7 @@ class PeerSecondaryTier(SecondaryTierManager):
             publish_batch_keys=self.config.publish_batch_keys,
             publish_interval_s=self.config.publish_interval_s,
             publish=self._identity.shareable,
+            load=self._load_figures,
         )
         directory.start()
         self._directory = directory
@@ -273,9 +276,17 @@ class PeerSecondaryTier(SecondaryTierManager):
         if self._identity.shareable:
             self._publisher.attach(directory)
 
+    def _load_figures(self) -> dict[str, int]:
+        """Load sent with directory heartbeats (Directory.Score shows it to routers)."""
+        return {
+            "running_requests": self._running_requests,
+            "peer_leases": self._server.stats()["leases_live"],
+        }
+
     # -- per request ----------------------------------------------------------
 
     def on_new_request(self, req_context: ReqContext) -> RequestOffloadingContext:
+        self._running_requests += 1
         try:
             params = parse_request_params(req_context.kv_transfer_params)
         except RequestParamsError as exc:
@@ -293,6 +304,7 @@ class PeerSecondaryTier(SecondaryTierManager):
         state = req_context.get_state(ConsumerState)
         if state is None:
             return
+        self._running_requests = max(0, self._running_requests - 1)
         self._consumers.pop(id(state), None)
         with state.lock:
             state.finished = True

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kvpeer.v1 import fingerprint_pb2 as kvpeer_dot_v1_dot_fingerprint__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kvpeer/v1/directory.proto\x12\tkvpeer.v1\x1a\x1bkvpeer/v1/fingerprint.proto\"]\n\x0bJoinRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12+\n\x0b\x66ingerprint\x18\x03 \x01(\x0b\x32\x16.kvpeer.v1.Fingerprint\"3\n\x0cJoinResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x14\n\x0clease_ttl_ms\x18\x02 \x01(\r\"2\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\")\n\x11HeartbeatResponse\x12\x14\n\x0clease_ttl_ms\x18\x01 \x01(\r\">\n\x0ePublishRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0c\n\x04keys\x18\x03 \x03(\x0c\"#\n\x0fPublishResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\"?\n\x0fWithdrawRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0c\n\x04keys\x18\x03 \x03(\x0c\"#\n\x10WithdrawResponse\x12\x0f\n\x07removed\x18\x01 \x01(\r\"K\n\rLocateRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x17\n\x0f\x65xclude_node_id\x18\x03 \x01(\t\";\n\x07NodeRef\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"\x1b\n\nKeyHolders\x12\r\n\x05nodes\x18\x01 \x03(\r\"[\n\x0eLocateResponse\x12!\n\x05nodes\x18\x01 \x03(\x0b\x32\x12.kvpeer.v1.NodeRef\x12&\n\x07holders\x18\x02 \x03(\x0b\x32\x15.kvpeer.v1.KeyHolders\".\n\x0cLeaveRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"\x0f\n\rLeaveResponse\"\'\n\x10ListNodesRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\"\x93\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12+\n\x0b\x66ingerprint\x18\x04 \x01(\x0b\x32\x16.kvpeer.v1.Fingerprint\x12\x0c\n\x04keys\x18\x05 \x01(\x04\x12\x1a\n\x12lease_remaining_ms\x18\x06 \x01(\r\"7\n\x11ListNodesResponse\x12\"\n\x05nodes\x18\x01 \x03(\x0b\x32\x13.kvpeer.v1.NodeInfo\"\x0e\n\x0cStatsRequest\"D\n\x10\x46ingerprintStats\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\r\n\x05nodes\x18\x02 \x01(\x04\x12\x0c\n\x04keys\x18\x03 \x01(\x04\"n\n\rStatsResponse\x12\r\n\x05nodes\x18\x01 \x01(\x04\x12\x0c\n\x04keys\x18\x02 \x01(\x04\x12\x31\n\x0c\x66ingerprints\x18\x03 \x03(\x0b\x32\x1b.kvpeer.v1.FingerprintStats\x12\r\n\x05store\x18\x04 \x01(\t2\x92\x04\n\tDirectory\x12\x37\n\x04Join\x12\x16.kvpeer.v1.JoinRequest\x1a\x17.kvpeer.v1.JoinResponse\x12\x46\n\tHeartbeat\x12\x1b.kvpeer.v1.HeartbeatRequest\x1a\x1c.kvpeer.v1.HeartbeatResponse\x12@\n\x07Publish\x12\x19.kvpeer.v1.PublishRequest\x1a\x1a.kvpeer.v1.PublishResponse\x12\x43\n\x08Withdraw\x12\x1a.kvpeer.v1.WithdrawRequest\x1a\x1b.kvpeer.v1.WithdrawResponse\x12=\n\x06Locate\x12\x18.kvpeer.v1.LocateRequest\x1a\x19.kvpeer.v1.LocateResponse\x12:\n\x05Leave\x12\x17.kvpeer.v1.LeaveRequest\x1a\x18.kvpeer.v1.LeaveResponse\x12\x46\n\tListNodes\x12\x1b.kvpeer.v1.ListNodesRequest\x1a\x1c.kvpeer.v1.ListNodesResponse\x12:\n\x05Stats\x12\x17.kvpeer.v1.StatsRequest\x1a\x18.kvpeer.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kvpeer/v1/directory.proto\x12\tkvpeer.v1\x1a\x1bkvpeer/v1/fingerprint.proto\"]\n\x0bJoinRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12+\n\x0b\x66ingerprint\x18\x03 \x01(\x0b\x32\x16.kvpeer.v1.Fingerprint\"3\n\x0cJoinResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x14\n\x0clease_ttl_ms\x18\x02 \x01(\r\"U\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12!\n\x04load\x18\x03 \x01(\x0b\x32\x13.kvpeer.v1.NodeLoad\"N\n\x08NodeLoad\x12\x13\n\x0bpinned_rows\x18\x01 \x01(\r\x12\x18\n\x10running_requests\x18\x02 \x01(\r\x12\x13\n\x0bpeer_leases\x18\x03 \x01(\r\")\n\x11HeartbeatResponse\x12\x14\n\x0clease_ttl_ms\x18\x01 \x01(\r\">\n\x0ePublishRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0c\n\x04keys\x18\x03 \x03(\x0c\"#\n\x0fPublishResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\"?\n\x0fWithdrawRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0c\n\x04keys\x18\x03 \x03(\x0c\"#\n\x10WithdrawResponse\x12\x0f\n\x07removed\x18\x01 \x01(\r\"K\n\rLocateRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x17\n\x0f\x65xclude_node_id\x18\x03 \x01(\t\";\n\x07NodeRef\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"\x1b\n\nKeyHolders\x12\r\n\x05nodes\x18\x01 \x03(\r\"[\n\x0eLocateResponse\x12!\n\x05nodes\x18\x01 \x03(\x0b\x32\x12.kvpeer.v1.NodeRef\x12&\n\x07holders\x18\x02 \x03(\x0b\x32\x15.kvpeer.v1.KeyHolders\".\n\x0cLeaveRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"\x0f\n\rLeaveResponse\"\'\n\x10ListNodesRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\"\x93\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12+\n\x0b\x66ingerprint\x18\x04 \x01(\x0b\x32\x16.kvpeer.v1.Fingerprint\x12\x0c\n\x04keys\x18\x05 \x01(\x04\x12\x1a\n\x12lease_remaining_ms\x18\x06 \x01(\r\"7\n\x11ListNodesResponse\x12\"\n\x05nodes\x18\x01 \x03(\x0b\x32\x13.kvpeer.v1.NodeInfo\"\x0e\n\x0cStatsRequest\"D\n\x10\x46ingerprintStats\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\r\n\x05nodes\x18\x02 \x01(\x04\x12\x0c\n\x04keys\x18\x03 \x01(\x04\"n\n\rStatsResponse\x12\r\n\x05nodes\x18\x01 \x01(\x04\x12\x0c\n\x04keys\x18\x02 \x01(\x04\x12\x31\n\x0c\x66ingerprints\x18\x03 \x03(\x0b\x32\x1b.kvpeer.v1.FingerprintStats\x12\r\n\x05store\x18\x04 \x01(\t\"1\n\x0cScoreRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"\x9f\x01\n\tNodeScore\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\x12\x13\n\x0bprefix_keys\x18\x05 \x01(\r\x12!\n\x04load\x18\x06 \x01(\x0b\x32\x13.kvpeer.v1.NodeLoad\x12\x13\n\x0bload_age_ms\x18\x07 \x01(\r\"4\n\rScoreResponse\x12#\n\x05nodes\x18\x01 \x03(\x0b\x32\x14.kvpeer.v1.NodeScore2\xce\x04\n\tDirectory\x12\x37\n\x04Join\x12\x16.kvpeer.v1.JoinRequest\x1a\x17.kvpeer.v1.JoinResponse\x12\x46\n\tHeartbeat\x12\x1b.kvpeer.v1.HeartbeatRequest\x1a\x1c.kvpeer.v1.HeartbeatResponse\x12@\n\x07Publish\x12\x19.kvpeer.v1.PublishRequest\x1a\x1a.kvpeer.v1.PublishResponse\x12\x43\n\x08Withdraw\x12\x1a.kvpeer.v1.WithdrawRequest\x1a\x1b.kvpeer.v1.WithdrawResponse\x12=\n\x06Locate\x12\x18.kvpeer.v1.LocateRequest\x1a\x19.kvpeer.v1.LocateResponse\x12:\n\x05Leave\x12\x17.kvpeer.v1.LeaveRequest\x1a\x18.kvpeer.v1.LeaveResponse\x12\x46\n\tListNodes\x12\x1b.kvpeer.v1.ListNodesRequest\x1a\x1c.kvpeer.v1.ListNodesResponse\x12:\n\x05Stats\x12\x17.kvpeer.v1.StatsRequest\x1a\x18.kvpeer.v1.StatsResponse\x12:\n\x05Score\x12\x17.kvpeer.v1.ScoreRequest\x1a\x18.kvpeer.v1.ScoreResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,41 +37,49 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINRESPONSE']._serialized_start=164
   _globals['_JOINRESPONSE']._serialized_end=215
   _globals['_HEARTBEATREQUEST']._serialized_start=217
-  _globals['_HEARTBEATREQUEST']._serialized_end=267
-  _globals['_HEARTBEATRESPONSE']._serialized_start=269
-  _globals['_HEARTBEATRESPONSE']._serialized_end=310
-  _globals['_PUBLISHREQUEST']._serialized_start=312
-  _globals['_PUBLISHREQUEST']._serialized_end=374
-  _globals['_PUBLISHRESPONSE']._serialized_start=376
-  _globals['_PUBLISHRESPONSE']._serialized_end=411
-  _globals['_WITHDRAWREQUEST']._serialized_start=413
-  _globals['_WITHDRAWREQUEST']._serialized_end=476
-  _globals['_WITHDRAWRESPONSE']._serialized_start=478
-  _globals['_WITHDRAWRESPONSE']._serialized_end=513
-  _globals['_LOCATEREQUEST']._serialized_start=515
-  _globals['_LOCATEREQUEST']._serialized_end=590
-  _globals['_NODEREF']._serialized_start=592
-  _globals['_NODEREF']._serialized_end=651
-  _globals['_KEYHOLDERS']._serialized_start=653
-  _globals['_KEYHOLDERS']._serialized_end=680
-  _globals['_LOCATERESPONSE']._serialized_start=682
-  _globals['_LOCATERESPONSE']._serialized_end=773
-  _globals['_LEAVEREQUEST']._serialized_start=775
-  _globals['_LEAVEREQUEST']._serialized_end=821
-  _globals['_LEAVERESPONSE']._serialized_start=823
-  _globals['_LEAVERESPONSE']._serialized_end=838
-  _globals['_LISTNODESREQUEST']._serialized_start=840
-  _globals['_LISTNODESREQUEST']._serialized_end=879
-  _globals['_NODEINFO']._serialized_start=882
-  _globals['_NODEINFO']._serialized_end=1029
-  _globals['_LISTNODESRESPONSE']._serialized_start=1031
-  _globals['_LISTNODESRESPONSE']._serialized_end=1086
-  _globals['_STATSREQUEST']._serialized_start=1088
-  _globals['_STATSREQUEST']._serialized_end=1102
-  _globals['_FINGERPRINTSTATS']._serialized_start=1104
-  _globals['_FINGERPRINTSTATS']._serialized_end=1172
-  _globals['_STATSRESPONSE']._serialized_start=1174
-  _globals['_STATSRESPONSE']._serialized_end=1284
-  _globals['_DIRECTORY']._serialized_start=1287
-  _globals['_DIRECTORY']._serialized_end=1817
+  _globals['_HEARTBEATREQUEST']._serialized_end=302
+  _globals['_NODELOAD']._serialized_start=304
+  _globals['_NODELOAD']._serialized_end=382
+  _globals['_HEARTBEATRESPONSE']._serialized_start=384
+  _globals['_HEARTBEATRESPONSE']._serialized_end=425
+  _globals['_PUBLISHREQUEST']._serialized_start=427
+  _globals['_PUBLISHREQUEST']._serialized_end=489
+  _globals['_PUBLISHRESPONSE']._serialized_start=491
+  _globals['_PUBLISHRESPONSE']._serialized_end=526
+  _globals['_WITHDRAWREQUEST']._serialized_start=528
+  _globals['_WITHDRAWREQUEST']._serialized_end=591
+  _globals['_WITHDRAWRESPONSE']._serialized_start=593
+  _globals['_WITHDRAWRESPONSE']._serialized_end=628
+  _globals['_LOCATEREQUEST']._serialized_start=630
+  _globals['_LOCATEREQUEST']._serialized_end=705
+  _globals['_NODEREF']._serialized_start=707
+  _globals['_NODEREF']._serialized_end=766
+  _globals['_KEYHOLDERS']._serialized_start=768
+  _globals['_KEYHOLDERS']._serialized_end=795
+  _globals['_LOCATERESPONSE']._serialized_start=797
+  _globals['_LOCATERESPONSE']._serialized_end=888
+  _globals['_LEAVEREQUEST']._serialized_start=890
+  _globals['_LEAVEREQUEST']._serialized_end=936
+  _globals['_LEAVERESPONSE']._serialized_start=938
+  _globals['_LEAVERESPONSE']._serialized_end=953
+  _globals['_LISTNODESREQUEST']._serialized_start=955
+  _globals['_LISTNODESREQUEST']._serialized_end=994
+  _globals['_NODEINFO']._serialized_start=997
+  _globals['_NODEINFO']._serialized_end=1144
+  _globals['_LISTNODESRESPONSE']._serialized_start=1146
+  _globals['_LISTNODESRESPONSE']._serialized_end=1201
+  _globals['_STATSREQUEST']._serialized_start=1203
+  _globals['_STATSREQUEST']._serialized_end=1217
+  _globals['_FINGERPRINTSTATS']._serialized_start=1219
+  _globals['_FINGERPRINTSTATS']._serialized_end=1287
+  _globals['_STATSRESPONSE']._serialized_start=1289
+  _globals['_STATSRESPONSE']._serialized_end=1399
+  _globals['_SCOREREQUEST']._serialized_start=1401
+  _globals['_SCOREREQUEST']._serialized_end=1450
+  _globals['_NODESCORE']._serialized_start=1453
+  _globals['_NODESCORE']._serialized_end=1612
+  _globals['_SCORERESPONSE']._serialized_start=1614
+  _globals['_SCORERESPONSE']._serialized_end=1666
+  _globals['_DIRECTORY']._serialized_start=1669
+  _globals['_DIRECTORY']._serialized_end=2259
 # @@protoc_insertion_point(module_scope)

@@ -26,12 +26,24 @@ class JoinResponse(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., lease_ttl_ms: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "epoch")
+    __slots__ = ("node_id", "epoch", "load")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     epoch: int
-    def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+    load: NodeLoad
+    def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ...) -> None: ...
+
+class NodeLoad(_message.Message):
+    __slots__ = ("pinned_rows", "running_requests", "peer_leases")
+    PINNED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PEER_LEASES_FIELD_NUMBER: _ClassVar[int]
+    pinned_rows: int
+    running_requests: int
+    peer_leases: int
+    def __init__(self, pinned_rows: _Optional[int] = ..., running_requests: _Optional[int] = ..., peer_leases: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("lease_ttl_ms",)
@@ -170,3 +182,35 @@ class StatsResponse(_message.Message):
     fingerprints: _containers.RepeatedCompositeFieldContainer[FingerprintStats]
     store: str
     def __init__(self, nodes: _Optional[int] = ..., keys: _Optional[int] = ..., fingerprints: _Optional[_Iterable[_Union[FingerprintStats, _Mapping]]] = ..., store: _Optional[str] = ...) -> None: ...
+
+class ScoreRequest(_message.Message):
+    __slots__ = ("fingerprint", "keys")
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    fingerprint: str
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, fingerprint: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class NodeScore(_message.Message):
+    __slots__ = ("node_id", "endpoint", "epoch", "fingerprint", "prefix_keys", "load", "load_age_ms")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_KEYS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    LOAD_AGE_MS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    endpoint: str
+    epoch: int
+    fingerprint: str
+    prefix_keys: int
+    load: NodeLoad
+    load_age_ms: int
+    def __init__(self, node_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., epoch: _Optional[int] = ..., fingerprint: _Optional[str] = ..., prefix_keys: _Optional[int] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ..., load_age_ms: _Optional[int] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("nodes",)
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeScore]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeScore, _Mapping]]] = ...) -> None: ...

@@ -81,6 +81,11 @@ class DirectoryStub:
                 request_serializer=kvpeer_dot_v1_dot_directory__pb2.StatsRequest.SerializeToString,
                 response_deserializer=kvpeer_dot_v1_dot_directory__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/kvpeer.v1.Directory/Score',
+                request_serializer=kvpeer_dot_v1_dot_directory__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=kvpeer_dot_v1_dot_directory__pb2.ScoreResponse.FromString,
+                _registered_method=True)
 
 
 class DirectoryServicer:
@@ -142,6 +147,17 @@ class DirectoryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Score(self, request, context):
+        """For an ordered list of chunk keys (a request's prefix, first to last), how long a
+        prefix each live node holds, with the load figures its heartbeats carry. For
+        routers (kvpeer proxy --route prefix). Refuses an empty list or keys of different
+        lengths (INVALID_ARGUMENT) and more than 4,096 keys (RESOURCE_EXHAUSTED); lists only
+        the namespaces the caller may see (namespace allow-list).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DirectoryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -184,6 +200,11 @@ def add_DirectoryServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=kvpeer_dot_v1_dot_directory__pb2.StatsRequest.FromString,
                     response_serializer=kvpeer_dot_v1_dot_directory__pb2.StatsResponse.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=kvpeer_dot_v1_dot_directory__pb2.ScoreRequest.FromString,
+                    response_serializer=kvpeer_dot_v1_dot_directory__pb2.ScoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -409,6 +430,33 @@ class Directory:
             '/kvpeer.v1.Directory/Stats',
             kvpeer_dot_v1_dot_directory__pb2.StatsRequest.SerializeToString,
             kvpeer_dot_v1_dot_directory__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvpeer.v1.Directory/Score',
+            kvpeer_dot_v1_dot_directory__pb2.ScoreRequest.SerializeToString,
+            kvpeer_dot_v1_dot_directory__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

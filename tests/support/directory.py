@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from kvpeer.api.fingerprint import Fingerprint
+from kvpeer.api.security import Security
 from kvpeer.server.directory.memory_store import MemoryStore
 from kvpeer.server.directory.redis_store import RedisStore
 from kvpeer.server.directory.service import DirectoryServer
@@ -92,8 +93,9 @@ class DirectoryHarness:
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def stub(self) -> directory_pb2_grpc.DirectoryStub:
-        channel = grpc.insecure_channel(self.endpoint)
+    def stub(self, security: Security | None = None) -> directory_pb2_grpc.DirectoryStub:
+        """A stub on a new channel (closed with the harness), presenting ``security``."""
+        channel = (security or Security()).open_channel(self.endpoint)
         self._channels.append(channel)
         return directory_pb2_grpc.DirectoryStub(channel)
 

@@ -18,19 +18,33 @@ from kvpeer.server.directory.store import (
     DirectoryStore,
     Located,
     NamespaceStats,
+    NodeLoad,
     NodeRecord,
     NodeRef,
+    ScoredNode,
     StaleEpochError,
     TooManyKeysError,
     UnknownNodeError,
     next_epoch,
+    prefix_length,
+    sort_scores,
 )
 
 
 class _Registration:
     """One (node id, epoch) and the keys it holds. Mutated only under MemoryStore's lock."""
 
-    __slots__ = ("endpoint", "epoch", "expires_at", "fingerprint", "keys", "live", "node_id")
+    __slots__ = (
+        "endpoint",
+        "epoch",
+        "expires_at",
+        "fingerprint",
+        "keys",
+        "live",
+        "load",
+        "load_at",
+        "node_id",
+    )
 
     def __init__(
         self, node_id: str, endpoint: str, epoch: int, fingerprint: Fingerprint, expires_at: float
@@ -42,6 +56,8 @@ class _Registration:
         self.expires_at = expires_at
         self.keys: set[bytes] = set()
         self.live = True
+        self.load: NodeLoad | None = None
+        self.load_at = 0.0
 
 
 class MemoryStore(DirectoryStore):
@@ -109,10 +125,15 @@ class MemoryStore(DirectoryStore):
             self._nodes[node_id] = reg
             return reg.epoch
 
-    def heartbeat(self, node_id: str, epoch: int, ttl_s: float) -> None:
+    def heartbeat(
+        self, node_id: str, epoch: int, ttl_s: float, load: NodeLoad | None = None
+    ) -> None:
         now = time.monotonic()
         with self._lock:
-            self._current(node_id, epoch, now).expires_at = now + ttl_s
+            reg = self._current(node_id, epoch, now)
+            reg.expires_at = now + ttl_s
+            if load is not None:
+                reg.load, reg.load_at = load, now
 
     def publish(self, node_id: str, epoch: int, keys: Sequence[bytes]) -> int:
         with self._lock:
@@ -181,6 +202,24 @@ class MemoryStore(DirectoryStore):
                 else:
                     append(single.get(holders) or row_of(holders))
         return Located(nodes, rows)
+
+    def score(self, fingerprint: str | None, keys: Sequence[bytes]) -> list[ScoredNode]:
+        now = time.monotonic()
+        with self._lock:
+            scored = [
+                ScoredNode(
+                    reg.node_id,
+                    reg.endpoint,
+                    reg.epoch,
+                    reg.fingerprint.digest,
+                    prefix_length(reg.keys, keys),
+                    reg.load,
+                    now - reg.load_at if reg.load is not None else 0.0,
+                )
+                for reg in self._live(now)
+                if fingerprint is None or reg.fingerprint.digest == fingerprint
+            ]
+        return sort_scores(scored)
 
     def leave(self, node_id: str, epoch: int) -> None:
         with self._lock:

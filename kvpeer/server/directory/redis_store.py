@@ -11,7 +11,9 @@ Key schema (``P`` is the prefix, ``kvpeer:`` by default)::
                                  nodes and replicas, so an epoch names a registration
     P n:<node id>        string  the node's current epoch
     P r:<epoch>          hash    registration: node, endpoint, fp (digest),
-                                 fpb (Fingerprint protobuf bytes), exp (lease end, ms)
+                                 fpb (Fingerprint protobuf bytes), exp (lease end, ms),
+                                 and once a heartbeat carried a load: lp, lr, ll
+                                 (pinned rows, running requests, peer leases), lat (ms)
     P leases             zset    epoch -> lease end (ms); finds expired registrations
     P nk:<epoch>         set     keys the registration holds
     P k:<fp>             hash    <key> -> epochs of the registrations holding <key>
@@ -51,12 +53,15 @@ from kvpeer.server.directory.store import (
     DirectoryStore,
     Located,
     NamespaceStats,
+    NodeLoad,
     NodeRecord,
     NodeRef,
+    ScoredNode,
     StaleEpochError,
     StoreUnavailableError,
     TooManyKeysError,
     UnknownNodeError,
+    sort_scores,
 )
 from kvpeer.v1 import fingerprint_pb2
 
@@ -130,13 +135,16 @@ redis.call('ZADD', P .. 'leases', exp, epoch)
 return {'ok', epoch}
 """
 
-# ARGV: prefix, node, epoch, ttl_ms
+# ARGV: prefix, node, epoch, ttl_ms[, pinned rows, running requests, peer leases]
 _HEARTBEAT = """
 local node, epoch = ARGV[2], ARGV[3]
 local bad = check(node, epoch)
 if bad then return bad end
 local exp = fmt(now + tonumber(ARGV[4]))
 redis.call('HSET', P .. 'r:' .. epoch, 'exp', exp)
+if ARGV[5] then
+  redis.call('HSET', P .. 'r:' .. epoch, 'lp', ARGV[5], 'lr', ARGV[6], 'll', ARGV[7], 'lat', fmt(now))
+end
 redis.call('ZADD', P .. 'leases', exp, epoch)
 return {'ok'}
 """
@@ -244,6 +252,50 @@ for i = 1, #keys, 1000 do
   end
 end
 return table.concat(nodes, ' ') .. '\\n' .. table.concat(rows, ';')
+"""
+
+# ARGV: prefix, fp ('' = all), packed keys -> flat {node, epoch, endpoint, fp, prefix, lp, lr,
+# ll, load age ms, ...} over live registrations ('' for the load fields when none was
+# reported). Per registration, SMISMEMBER over growing slices of the keys (64, 128, ...
+# up to 1,024) until the first miss: a short prefix costs one small call, 4,096 keys
+# at most seven.
+_SCORE = """
+local want = ARGV[2]
+local keys = unpack_keys(ARGV[3])
+local out = {}
+for _, e in ipairs(redis.call('ZRANGEBYSCORE', P .. 'leases', '(' .. fmt(now), '+inf')) do
+  local r = redis.call('HMGET', P .. 'r:' .. e, 'node', 'endpoint', 'fp', 'exp', 'lp', 'lr', 'll', 'lat')
+  if r[1] and tonumber(r[4]) > now and (want == '' or want == r[3]) then
+    local nk = P .. 'nk:' .. e
+    local n, i, step = 0, 1, 64
+    while i <= #keys do
+      local last = math.min(i + step - 1, #keys)
+      local flags = redis.call('SMISMEMBER', nk, unpack(keys, i, last))
+      local miss = false
+      for j = 1, #flags do
+        if flags[j] == 0 then miss = true break end
+        n = n + 1
+      end
+      if miss then break end
+      i = last + 1
+      step = math.min(step * 2, 1024)
+    end
+    out[#out + 1] = r[1]
+    out[#out + 1] = e
+    out[#out + 1] = r[2]
+    out[#out + 1] = r[3]
+    out[#out + 1] = fmt(n)
+    if r[8] then
+      out[#out + 1] = r[5]
+      out[#out + 1] = r[6]
+      out[#out + 1] = r[7]
+      out[#out + 1] = fmt(now - tonumber(r[8]))
+    else
+      for _ = 1, 4 do out[#out + 1] = '' end
+    end
+  end
+end
+return out
 """
 
 # ARGV: prefix, node, epoch
@@ -357,6 +409,7 @@ class RedisStore(DirectoryStore):
         self._withdraw = register(_PRELUDE + _WITHDRAW)
         self._locate = register(_PRELUDE + _LOCATE)
         self._leave = register(_PRELUDE + _LEAVE)
+        self._score = register(_PRELUDE + _SCORE)
         self._list = register(_PRELUDE + _LIST)
         self._sweep = register(_PRELUDE + _SWEEP)
 
@@ -402,8 +455,13 @@ class RedisStore(DirectoryStore):
         )
         return int(reply[1])
 
-    def heartbeat(self, node_id: str, epoch: int, ttl_s: float) -> None:
-        self._checked(node_id, epoch, self._heartbeat, self._ttl_ms(ttl_s))
+    def heartbeat(
+        self, node_id: str, epoch: int, ttl_s: float, load: NodeLoad | None = None
+    ) -> None:
+        figures = (
+            () if load is None else (load.pinned_rows, load.running_requests, load.peer_leases)
+        )
+        self._checked(node_id, epoch, self._heartbeat, self._ttl_ms(ttl_s), *figures)
 
     def publish(self, node_id: str, epoch: int, keys: Sequence[bytes]) -> int:
         reply = self._checked(
@@ -427,6 +485,25 @@ class RedisStore(DirectoryStore):
                 row = parsed[raw] = tuple(map(int, raw.split(b",")))
             rows.append(row)
         return Located(nodes, rows)
+
+    def score(self, fingerprint: str | None, keys: Sequence[bytes]) -> list[ScoredNode]:
+        flat = self._run(self._score, fingerprint or "", self._pack(keys))
+        scored = []
+        for i in range(0, len(flat), 9):
+            node, epoch, endpoint, fp, prefix, pinned, running, leases, age = flat[i : i + 9]
+            load = None if age == b"" else NodeLoad(int(pinned), int(running), int(leases))
+            scored.append(
+                ScoredNode(
+                    node.decode(),
+                    endpoint.decode(),
+                    int(epoch),
+                    fp.decode(),
+                    int(prefix),
+                    load,
+                    0.0 if load is None else int(age) / 1000,
+                )
+            )
+        return sort_scores(scored)
 
     def leave(self, node_id: str, epoch: int) -> None:
         self._checked(node_id, epoch, self._leave)

@@ -1,5 +1,9 @@
 """The Directory gRPC service: validation, status codes and metrics around a :class:`DirectoryStore`.
 
+Score (for routers) answers, for a request's chunk keys in order, each live node's
+longest held prefix and last reported load; it refuses an empty list or keys of
+different lengths (INVALID_ARGUMENT) and more than 4,096 keys (RESOURCE_EXHAUSTED).
+
 :class:`DirectoryServicer` checks every request (sizes, digests, node ids,
 endpoints), calls the store and maps the store's refusals to gRPC statuses:
 
@@ -44,9 +48,11 @@ from kvpeer.api.limits import MAX_KEYS_PER_CALL, status_details
 from kvpeer.api.security import Security
 from kvpeer.server.directory.authz import Denied, DirectoryAuthz, NamespaceAllowList
 from kvpeer.server.directory.memory_store import MemoryStore
+from kvpeer.server.directory.scoring import mixed_lengths, score_response
 from kvpeer.server.directory.store import (
     MAX_NODE_ID_CHARS,
     DirectoryStore,
+    NodeLoad,
     StaleEpochError,
     StoreError,
     StoreUnavailableError,
@@ -295,7 +301,12 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServicer):
         self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
     ) -> pb.HeartbeatResponse:
         _check_node(request.node_id, request.epoch)
-        self.store.heartbeat(request.node_id, request.epoch, self.lease_ttl_s)
+        load = None
+        if request.HasField("load"):
+            load = NodeLoad(
+                request.load.pinned_rows, request.load.running_requests, request.load.peer_leases
+            )
+        self.store.heartbeat(request.node_id, request.epoch, self.lease_ttl_s, load)
         return pb.HeartbeatResponse(lease_ttl_ms=self._lease_ms)
 
     @_rpc
@@ -336,6 +347,20 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServicer):
         self.metrics.keys.labels("Locate").inc(len(request.keys))
         self.metrics.located.inc(len(located.holders) - located.holders.count(()))
         return response
+
+    @_rpc
+    def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
+        _check_digest("fingerprint", request.fingerprint, optional=True)
+        keys = list(request.keys)  # each read of request.keys makes new bytes objects
+        _check_batch(keys)
+        problem = mixed_lengths(keys)
+        if problem is not None:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        scored = self.store.score(request.fingerprint or None, keys)
+        caller = self.authz.principal(context)  # namespaces it may see, epochs it may use
+        scored = [n for n in scored if self.authz.sees_namespace(caller, n.fingerprint)]
+        self.metrics.keys.labels("Score").inc(len(keys))
+        return score_response(scored, lambda node_id: self.authz.sees_epoch(caller, node_id))
 
     @_rpc
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:

@@ -95,10 +95,12 @@ def check_keys(keys: Sequence[bytes]) -> str | None:
         return "no keys: send 1 to 4096 keys per call"
     if len(keys) > MAX_KEYS_PER_CALL:
         return f"{len(keys)} keys in one call, max {MAX_KEYS_PER_CALL}: split the batch"
-    sizes = list(map(len, keys))
+    sizes = set(map(len, keys))  # one C-speed pass; usually a single size
     if min(sizes) < 1 or max(sizes) > MAX_KEY_BYTES:
-        index = next(i for i, n in enumerate(sizes) if not 1 <= n <= MAX_KEY_BYTES)
-        return f"key {index} has {sizes[index]} bytes; keys must have 1 to {MAX_KEY_BYTES} bytes"
+        index, size = next(
+            (i, len(k)) for i, k in enumerate(keys) if not 1 <= len(k) <= MAX_KEY_BYTES
+        )
+        return f"key {index} has {size} bytes; keys must have 1 to {MAX_KEY_BYTES} bytes"
     return None
 
 
@@ -136,6 +138,53 @@ class NodeRecord:
 
 
 @dataclass(frozen=True)
+class NodeLoad:
+    """Load figures a node reports with its heartbeats (0 when the node does not know)."""
+
+    pinned_rows: int = 0
+    running_requests: int = 0
+    peer_leases: int = 0
+
+
+@dataclass(frozen=True)
+class ScoredNode:
+    """One live registration's answer to :meth:`DirectoryStore.score`.
+
+    ``prefix_keys`` is the length of the longest run ``keys[0:prefix_keys]`` the
+    registration holds. ``load`` is the latest load a heartbeat carried (None if
+    none did) and ``load_age_s`` how long ago it came (0.0 without a load).
+    """
+
+    node_id: str
+    endpoint: str
+    epoch: int
+    fingerprint: str
+    prefix_keys: int
+    load: NodeLoad | None
+    load_age_s: float
+
+
+def prefix_length(
+    held: set[bytes] | frozenset[bytes], keys: Sequence[bytes], step: int = 64
+) -> int:
+    """How many of ``keys``, from the first, are in ``held`` without a gap.
+
+    Checks slices of ``step`` keys at C speed (``issuperset``) and looks key by key
+    only inside the first slice with a miss.
+    """
+    for start in range(0, len(keys), step):
+        part = keys[start : start + step]
+        if not held.issuperset(part):
+            return start + next(i for i, key in enumerate(part) if key not in held)
+    return len(keys)
+
+
+def sort_scores(nodes: list[ScoredNode]) -> list[ScoredNode]:
+    """``nodes`` longest prefix first, then by node id (every store answers in this order)."""
+    return sorted(nodes, key=lambda n: (-n.prefix_keys, n.node_id))
+
+
+@dataclass(frozen=True)
 class NamespaceStats:
     """Live nodes and entries of one fingerprint; a key held by two nodes counts twice."""
 
@@ -167,9 +216,12 @@ class DirectoryStore(ABC):
         """
 
     @abstractmethod
-    def heartbeat(self, node_id: str, epoch: int, ttl_s: float) -> None:
-        """Extend the registration's lease to ``ttl_s`` from now.
+    def heartbeat(
+        self, node_id: str, epoch: int, ttl_s: float, load: NodeLoad | None = None
+    ) -> None:
+        """Extend the registration's lease to ``ttl_s`` from now; record ``load`` if given.
 
+        A heartbeat without a load keeps the last one recorded (and its age).
         Raises :class:`UnknownNodeError` or :class:`StaleEpochError`.
         """
 
@@ -198,6 +250,19 @@ class DirectoryStore(ABC):
         Only registrations whose lease has not ended are returned. ``nodes`` lists
         each holder once; ``holders`` is aligned with ``keys``. Never raises for
         unknown namespaces or keys (they have no holders).
+        """
+
+    @abstractmethod
+    def score(self, fingerprint: str | None, keys: Sequence[bytes]) -> list[ScoredNode]:
+        """Every live registration (of namespace ``fingerprint``, or of all when None) scored.
+
+        ``keys`` is a request's prefix in order; each registration's ``prefix_keys``
+        counts the keys it holds from the first up to its first gap (see
+        :func:`prefix_length`), searching its own namespace. Registrations holding
+        none are listed too (with 0), so a router sees every node's load. Sorted by
+        :func:`sort_scores`. One atomic read: a node that leaves during the call is
+        either scored as before it left or not listed. Never raises for unknown
+        namespaces or keys.
         """
 
     @abstractmethod
