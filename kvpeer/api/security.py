@@ -233,23 +233,47 @@ class Security:
             return [("grpc.ssl_target_name_override", self.tls.server_name)]
         return []
 
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        """TLS credentials for a client channel (sync or asyncio); None means plaintext."""
+        if self.tls is None:
+            return None
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.tls.ca,
+            private_key=self.tls.key,
+            certificate_chain=self.tls.cert,
+        )
+
+    def call_metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """The metadata that carries the bearer token (asyncio channels pass it per call)."""
+        return None if self.token is None else ((TOKEN_HEADER, f"Bearer {self.token}"),)
+
     def open_channel(
         self, target: str, options: list[tuple[str, Any]] | None = None
     ) -> grpc.Channel:
         """A channel to ``target`` that presents these credentials on every call."""
         opts = [*(options or []), *self.channel_options()]
-        if self.tls is None:
+        creds = self.channel_credentials()
+        if creds is None:
             channel = grpc.insecure_channel(target, options=opts)
         else:
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=self.tls.ca,
-                private_key=self.tls.key,
-                certificate_chain=self.tls.cert,
-            )
             channel = grpc.secure_channel(target, creds, options=opts)
         if self.token is not None:
             channel = grpc.intercept_channel(channel, _TokenAttach(self.token))
         return channel
+
+    def open_aio_channel(
+        self, target: str, options: list[tuple[str, Any]] | None = None
+    ) -> grpc.aio.Channel:
+        """An asyncio channel to ``target`` with these TLS credentials.
+
+        The token is not attached by the channel: pass :meth:`call_metadata` with
+        each call.
+        """
+        opts = [*(options or []), *self.channel_options()]
+        creds = self.channel_credentials()
+        if creds is None:
+            return grpc.aio.insecure_channel(target, options=opts)
+        return grpc.aio.secure_channel(target, creds, options=opts)
 
 
 def _load_cert_chain(context: ssl.SSLContext, cert: bytes, key: bytes) -> None:

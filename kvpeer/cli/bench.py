@@ -66,6 +66,15 @@ from kvpeer.sim.node import NodeError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--routing",
+        action="store_true",
+        help="instead: round-robin against prefix routing on a shared-prefix trace "
+        "(kvpeer.bench.routing; about 2 minutes)",
+    )
+    parser.add_argument(
+        "--routing-requests", type=int, default=600, help="requests in the --routing trace"
+    )
     parser.add_argument("--chunks", type=int, default=256, help="chunks moved per transfer")
     parser.add_argument(
         "--chunk-mib", type=float, default=2.0, help="chunk size (2 MiB: 16 tokens of Llama-3-8B)"
@@ -100,6 +109,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.routing:
+        from kvpeer.bench.routing import run_routing_bench
+
+        run_routing_bench(requests=args.routing_requests, json_path=args.json)
+        return 0
     try:
         settings, chunk_bytes = _check_args(args)
     except BenchError as exc:

@@ -29,6 +29,7 @@ from kvpeer.api.endpoint import Endpoint, parse_endpoint
 from kvpeer.api.errors import ConfigError, WireError
 from kvpeer.api.fingerprint import Fingerprint
 from kvpeer.api.security import Security
+from kvpeer.cli import credentials
 from kvpeer.v1 import directory_pb2, directory_pb2_grpc, peer_pb2, peer_pb2_grpc
 
 EXIT_OK = 0
@@ -37,13 +38,6 @@ EXIT_ERROR = 2
 #: The node id inspect announces in its handshakes (servers log it).
 INSPECT_NODE_ID = "kvpeer-inspect"
 
-_TLS_FLAGS = {
-    "tls.cert": "--tls-cert",
-    "tls.key": "--tls-key",
-    "tls.ca": "--tls-ca",
-    "tls.server_name": "--tls-server-name",
-    "auth_token_file": "--auth-token-file",
-}
 _R = TypeVar("_R")
 
 
@@ -78,13 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=float, default=5.0, metavar="S", help="deadline of each call (5)"
     )
-    parser.add_argument("--tls-cert", metavar="PEM", help="client certificate (mutual TLS)")
-    parser.add_argument("--tls-key", metavar="PEM", help="client private key (mutual TLS)")
-    parser.add_argument("--tls-ca", metavar="PEM", help="CA that signs the servers' certificates")
-    parser.add_argument(
-        "--tls-server-name", metavar="NAME", help="name to verify in server certificates"
-    )
-    parser.add_argument("--auth-token-file", metavar="FILE", help="the cluster's bearer token")
+    credentials.add_arguments(parser, "the nodes and the directory")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             raise InspectError(f"--timeout must be positive, got {args.timeout}")
         node_endpoints = [parse_endpoint(text, key="--node") for text in args.node]
         directory = args.directory and parse_endpoint(args.directory, key="--directory")
-        security = _security(args)
+        security = credentials.security(args)
         status = EXIT_OK
         if node_endpoints:
             nodes = [inspect_node(e, security, args.timeout) for e in node_endpoints]
@@ -108,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             print(format_directory(directory, listed))
         return status
     except ConfigError as exc:
-        _fail(f"{_TLS_FLAGS.get(exc.key, exc.key)}: {exc.problem}")
+        _fail(f"{credentials.FLAGS.get(exc.key, exc.key)}: {exc.problem}")
     except InspectError as exc:
         _fail(str(exc))
     return EXIT_ERROR
@@ -223,20 +211,6 @@ def _name(node: NodeReport) -> str:
 
 def _label(node: NodeReport) -> str:
     return f"{_name(node)} ({node.endpoint})"
-
-
-def _security(args: argparse.Namespace) -> Security:
-    tls = {
-        name: value
-        for name, value in (
-            ("cert", args.tls_cert),
-            ("key", args.tls_key),
-            ("ca", args.tls_ca),
-            ("server_name", args.tls_server_name),
-        )
-        if value is not None
-    }
-    return Security.from_config(tls or None, args.auth_token_file)
 
 
 def _call(

@@ -12,7 +12,11 @@ import sys
 
 from kvpeer.api.endpoint import Endpoint, parse_endpoint
 from kvpeer.api.errors import ConfigError
-from kvpeer.proxy.server import ProxyConfig, ProxyServer
+from kvpeer.cli import credentials
+from kvpeer.cli import keys as keys_cli
+from kvpeer.proxy.config import ProxyConfig
+from kvpeer.proxy.routing import RoutePolicy
+from kvpeer.proxy.server import ProxyServer
 
 DEFAULT_LISTEN = "0.0.0.0:8000"
 
@@ -44,8 +48,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="HOST:PORT",
         help="each prefill node's kvpeer endpoint, in the order of --prefill; without it "
-        "the decode nodes find the producer through the directory",
+        "the decode nodes find the producer through the directory. NODE_ID=HOST:PORT also "
+        "names its directory node id (when it is not the endpoint), for --route prefix",
     )
+    parser.add_argument(
+        "--decode-kvpeer",
+        nargs="+",
+        default=[],
+        metavar="[NODE_ID=]HOST:PORT",
+        help="each decode node's kvpeer endpoint (or directory node id and endpoint), in the "
+        "order of --decode: how --route prefix knows which directory node each URL is",
+    )
+    routing = parser.add_argument_group("routing (see kvpeer.proxy.routing)")
+    routing.add_argument(
+        "--route",
+        default=None,
+        choices=[p.value for p in RoutePolicy],
+        help="how nodes are picked (default: prefix when --directory is given, else "
+        "round-robin). prefix: by the longest prefix of the request's chunk keys each node "
+        "holds (token-id prompts only; text prompts, a slow or unreachable directory: "
+        "round-robin), near-ties by load",
+    )
+    routing.add_argument(
+        "--directory", metavar="HOST:PORT", help="the kvpeer directory (for --route prefix)"
+    )
+    routing.add_argument(
+        "--route-timeout",
+        type=float,
+        default=ProxyConfig.route_timeout_s,
+        metavar="S",
+        help="deadline of the directory call that routes a request (default %(default)s)",
+    )
+    keys_cli.add_key_arguments(routing, "the nodes'", required=False)
+    credentials.add_arguments(routing, "the directory")
     parser.add_argument(
         "--concurrent",
         action="store_true",
@@ -78,10 +113,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> tuple[ProxyConfig, Endpoint]:
     """The validated config and listen address; raises ConfigError naming the option."""
     listen = parse_endpoint(args.listen, key="--listen", allow_port_zero=True)
+    try:
+        directory_security = credentials.security(args)
+    except ConfigError as exc:
+        raise ConfigError(credentials.FLAGS.get(exc.key, exc.key), exc.problem) from None
+    key_spec = keys_cli.key_spec(args) if args.block_size is not None else None
     config = ProxyConfig.create(
         args.prefill,
         args.decode,
         args.prefill_kvpeer,
+        args.decode_kvpeer,
+        route=args.route,
+        directory=args.directory,
+        key_spec=key_spec,
+        route_timeout_s=args.route_timeout,
+        directory_security=directory_security,
         concurrent=args.concurrent,
         timeout_s=args.timeout,
         connect_timeout_s=args.connect_timeout,

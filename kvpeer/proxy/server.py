@@ -2,11 +2,11 @@
 
 For each ``POST /v1/completions`` or ``POST /v1/chat/completions`` the proxy
 
-1. sends the request to a prefill node (round-robin) as a kvpeer *producer*:
+1. sends the request to a prefill node (picked by :mod:`.routing`) as a kvpeer *producer*:
    ``max_tokens=1`` (and ``max_completion_tokens=1`` for chat), ``stream=False``,
    without ``stream_options`` and ``min_tokens``, and
    ``kv_transfer_params.kvpeer = {"handoff_id": H, "role": "producer"}``;
-2. sends the client's original request to a decode node (round-robin) as the
+2. sends the client's original request to a decode node (picked likewise) as the
    *consumer*: ``kv_transfer_params.kvpeer = {"handoff_id": H, "role": "consumer",
    "source": "<prefill node's kvpeer host:port>"}`` (``source`` only when the proxy
    knows it; otherwise the decode node finds the producer through the directory);
@@ -25,6 +25,14 @@ node is replaced by the next one once, then the client gets 502 naming the nodes
 client that disconnects cancels the upstream requests (the aiohttp handler is
 cancelled and the upstream connections are closed, which vLLM treats as an abort).
 
+Routing (``--route``, :mod:`kvpeer.proxy.routing`): ``round-robin``,
+``least-loaded``, or ``prefix`` (the default when a directory is given), which computes the request's chunk keys from its
+token ids, asks the directory (Directory.Score) how much of that prefix each node
+holds, and picks decode and prefill nodes by prefix and load, falling back to
+round-robin whenever it cannot. Every response carries the decision in
+``x-kvpeer-route``; ``GET /metrics`` counts decisions (``kvpeer_proxy_routed``) and
+their time (``kvpeer_proxy_route_seconds``).
+
 Everything runs on one asyncio event loop; no method here blocks it. This module
 does not import torch or vLLM.
 """
@@ -32,26 +40,33 @@ does not import torch or vLLM.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
 
-from kvpeer.api.endpoint import Endpoint, parse_endpoint
+from kvpeer.api.endpoint import Endpoint
 from kvpeer.api.errors import ConfigError
+from kvpeer.proxy.config import PrefillNode, ProxyConfig
+from kvpeer.proxy.metrics import ProxyMetrics
+from kvpeer.proxy.routing import (
+    NodeRef,
+    Router,
+)
 
 log = logging.getLogger(__name__)
 
 #: Response header naming the handoff of a request (also on error answers).
 HANDOFF_HEADER = "x-kvpeer-handoff-id"
+#: Response header with the routing decision (policy, reason, nodes, prefix held).
+ROUTE_HEADER = "x-kvpeer-route"
+_ROUTE: Any = web.RequestKey("kvpeer_route", str) if hasattr(web, "RequestKey") else ROUTE_HEADER
 #: Request headers passed on to the nodes.
 FORWARDED_HEADERS = ("Authorization",)
 #: Request-body keys the prefill request drops (it answers one token, not streamed).
@@ -62,92 +77,6 @@ _UNREACHABLE = (
     aiohttp.ConnectionTimeoutError,
     aiohttp.ServerDisconnectedError,
 )
-
-
-@dataclass(frozen=True)
-class PrefillNode:
-    """A prefill node: its HTTP base URL and, when known, its kvpeer endpoint."""
-
-    url: str
-    kvpeer: Endpoint | None = None
-
-
-@dataclass(frozen=True)
-class ProxyConfig:
-    """Validated proxy settings. Build with :meth:`create` to get checked values."""
-
-    prefill: tuple[PrefillNode, ...]
-    decode: tuple[str, ...]
-    #: Start the decode request without waiting for the prefill answer.
-    concurrent: bool = False
-    #: Longest wait for a node: the whole prefill request, the decode answer's
-    #: headers, and each gap between streamed decode chunks.
-    timeout_s: float = 600.0
-    #: Longest wait to open a connection to a node.
-    connect_timeout_s: float = 10.0
-    #: Longest wait for a node's ``/health`` or ``/v1/models``.
-    health_timeout_s: float = 5.0
-    #: Largest request body accepted from a client.
-    max_body_bytes: int = 64 << 20
-
-    @classmethod
-    def create(
-        cls,
-        prefill_urls: Sequence[str],
-        decode_urls: Sequence[str],
-        prefill_kvpeer: Sequence[str] = (),
-        **options: Any,
-    ) -> ProxyConfig:
-        """Validate node lists; raise :class:`ConfigError` naming the option at fault.
-
-        ``prefill_kvpeer`` lists each prefill node's kvpeer ``host:port`` in the order
-        of ``prefill_urls``; empty means the decode nodes find producers through the
-        directory. ``options`` are the other fields (timeouts, ``concurrent``).
-        """
-        if not prefill_urls:
-            raise ConfigError("--prefill", "give at least one prefill node URL")
-        if not decode_urls:
-            raise ConfigError("--decode", "give at least one decode node URL")
-        if prefill_kvpeer and len(prefill_kvpeer) != len(prefill_urls):
-            raise ConfigError(
-                "--prefill-kvpeer",
-                f"got {len(prefill_kvpeer)} endpoint(s) for {len(prefill_urls)} prefill "
-                "URL(s); give one kvpeer host:port per --prefill URL, in the same order",
-            )
-        prefill = tuple(
-            PrefillNode(
-                parse_node_url(url, key=f"--prefill[{i}]"),
-                parse_endpoint(prefill_kvpeer[i], key=f"--prefill-kvpeer[{i}]")
-                if prefill_kvpeer
-                else None,
-            )
-            for i, url in enumerate(prefill_urls)
-        )
-        decode = tuple(
-            parse_node_url(url, key=f"--decode[{i}]") for i, url in enumerate(decode_urls)
-        )
-        for name in ("timeout_s", "connect_timeout_s", "health_timeout_s"):
-            value = options.get(name, 1)
-            if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
-                flag = "--" + name.removesuffix("_s").replace("_", "-")
-                raise ConfigError(flag, f"expected a positive number of seconds, got {value!r}")
-        return cls(prefill=prefill, decode=decode, **options)
-
-
-def parse_node_url(text: str, *, key: str) -> str:
-    """Check a node's base URL (``http[s]://host:port[/prefix]``); return it without a trailing /."""
-    parts = urlsplit(text.strip())
-    if parts.scheme not in ("http", "https"):
-        raise ConfigError(key, f"expected an http:// or https:// URL, got {text!r}")
-    if not parts.hostname:
-        raise ConfigError(key, f"missing host in {text!r}")
-    try:
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError as exc:
-        raise ConfigError(key, f"invalid port in {text!r}") from exc
-    if parts.query or parts.fragment:
-        raise ConfigError(key, f"a node URL takes no query or fragment, got {text!r}")
-    return text.strip().rstrip("/")
 
 
 class ProxyServer:
@@ -192,11 +121,19 @@ def build_app(config: ProxyConfig) -> web.Application:
     proxy = _Proxy(config)
     app = web.Application(client_max_size=config.max_body_bytes)
     app.cleanup_ctx.append(proxy.session_context)
+    app.on_response_prepare.append(_add_route_header)
     app.router.add_post("/v1/completions", proxy.completions)
     app.router.add_post("/v1/chat/completions", proxy.completions)
     app.router.add_get("/v1/models", proxy.models)
     app.router.add_get("/health", proxy.health)
+    app.router.add_get("/metrics", proxy.metrics)
     return app
+
+
+async def _add_route_header(request: web.Request, response: web.StreamResponse) -> None:
+    """Put the request's routing decision on whatever answer it gets (streamed too)."""
+    if (route := request.get(_ROUTE)) is not None:
+        response.headers[ROUTE_HEADER] = route
 
 
 @dataclass(frozen=True)
@@ -213,8 +150,8 @@ class _Proxy:
     def __init__(self, config: ProxyConfig) -> None:
         self._config = config
         self._session: aiohttp.ClientSession | None = None
-        self._prefill_turn = itertools.count()
-        self._decode_turn = itertools.count()
+        self.route_metrics = ProxyMetrics()
+        self._router: Router | None = None
         self._prefill_timeout = aiohttp.ClientTimeout(
             total=config.timeout_s, connect=config.connect_timeout_s
         )
@@ -226,10 +163,25 @@ class _Proxy:
     async def session_context(self, _app: web.Application):
         # No connection cap: the nodes queue requests themselves, and a cap here
         # would stall streams behind one another.
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-            self._session = session
-            yield
-        self._session = None
+        config = self._config
+        self._router = Router.create(
+            config.route,
+            [(n.url, NodeRef(n.kvpeer, n.node_id) if n.kvpeer else None) for n in config.prefill],
+            list(
+                zip(config.decode, config.decode_refs or [None] * len(config.decode), strict=True)
+            ),
+            directory=config.directory,
+            timeout_s=config.route_timeout_s,
+            keys=config.key_spec,
+            security=config.directory_security,
+        )
+        try:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+                self._session = session
+                yield
+        finally:
+            self._session = None
+            await self._router.close()
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -242,10 +194,30 @@ class _Proxy:
         body = await _read_json_object(request, self._config.max_body_bytes)
         if isinstance(body, web.Response):
             return body
+        router = self._router
+        assert router is not None, "the app is not running"
+        decision = await router.route(body)
+        request[_ROUTE] = decision.header(router.prefill, router.decode)
+        self.route_metrics.count(decision, router.prefill, router.decode)
+        pools = (router.prefill, router.decode)
+        picks = (decision.prefill.index, decision.decode.index)
+        for pool, index in zip(pools, picks, strict=True):
+            pool.inflight[index] += 1
+        try:
+            return await self._complete(
+                request, body, decision.prefill.index, decision.decode.index
+            )
+        finally:
+            for pool, index in zip(pools, picks, strict=True):
+                pool.inflight[index] -= 1
+
+    async def _complete(
+        self, request: web.Request, body: dict[str, Any], prefill_index: int, decode_index: int
+    ) -> web.StreamResponse:
         handoff_id = str(uuid.uuid4())
         headers = _forwarded_headers(request)
         chat = request.path.endswith("/chat/completions")
-        prefill = self._config.prefill[next(self._prefill_turn) % len(self._config.prefill)]
+        prefill = self._config.prefill[prefill_index]
         producer = _prefill_body(body, {"handoff_id": handoff_id, "role": "producer"}, chat)
         consumer = {"handoff_id": handoff_id, "role": "consumer"}
         if prefill.kvpeer is not None:
@@ -256,7 +228,7 @@ class _Proxy:
             task = asyncio.create_task(prefill_call)
             try:
                 return await self._decode(
-                    request, _with_kvpeer(body, consumer), headers, handoff_id
+                    request, _with_kvpeer(body, consumer), headers, handoff_id, decode_index
                 )
             finally:
                 task.cancel()  # done by now unless the consumer gave up waiting
@@ -266,7 +238,7 @@ class _Proxy:
             result.client_error.headers[HANDOFF_HEADER] = handoff_id
             return result.client_error
         decode_body = _with_kvpeer(body, consumer if result.handoff else None)
-        return await self._decode(request, decode_body, headers, handoff_id)
+        return await self._decode(request, decode_body, headers, handoff_id, decode_index)
 
     async def _prefill(
         self,
@@ -309,9 +281,9 @@ class _Proxy:
         body: dict[str, Any],
         headers: Mapping[str, str],
         handoff_id: str,
+        first: int,
     ) -> web.StreamResponse:
         nodes = self._config.decode
-        first = next(self._decode_turn) % len(nodes)
         candidates = dict.fromkeys((first, (first + 1) % len(nodes)))  # the next one, once
         failures = []
         for index in candidates:
@@ -367,7 +339,14 @@ class _Proxy:
         await out.write_eof()
         return out
 
-    # -- GET /v1/models, /health ------------------------------------------------
+    # -- GET /v1/models, /health, /metrics --------------------------------------
+
+    async def metrics(self, _request: web.Request) -> web.Response:
+        """Prometheus text: routing decisions and their time."""
+        return web.Response(
+            body=self.route_metrics.text(),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
 
     async def models(self, request: web.Request) -> web.Response:
         """The first decode node (in order) that answers ``/v1/models`` with 200."""

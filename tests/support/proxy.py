@@ -24,7 +24,8 @@ import aiohttp
 from aiohttp import web
 
 from kvpeer.api.endpoint import Endpoint
-from kvpeer.proxy.server import ProxyConfig, ProxyServer
+from kvpeer.proxy.config import ProxyConfig
+from kvpeer.proxy.server import ProxyServer
 
 T = TypeVar("T")
 
