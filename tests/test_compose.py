@@ -201,7 +201,7 @@ def test_tier_config_is_accepted_by_kvpeer(compose: dict[str, Any], variant: str
 
         config = TierConfig.from_kwargs(_tier_kwargs(compose, node))
         assert config.advertised == Endpoint(node, config.listen.port)
-        assert config.directory == Endpoint("directory", 7600)
+        assert config.directory == (Endpoint("directory", 7600),)
         if variant == "tls":
             assert config.security.tls is not None and config.security.tls.ca is not None
             assert (

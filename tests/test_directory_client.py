@@ -11,7 +11,8 @@ import pytest
 
 from kvpeer.api.errors import ConfigError
 from kvpeer.api.security import Security
-from kvpeer.client.directory import DirectoryClient, Holder, Location, longest_run
+from kvpeer.client.directory import DirectoryClient
+from kvpeer.client.location import Holder, Location, longest_run
 from kvpeer.v1 import directory_pb2 as pb
 from tests.support.directory import (
     FP_A,

@@ -199,6 +199,27 @@ def test_an_unreachable_or_hung_directory_never_fails_a_request(failure: str) ->
         run_async(scenario())
 
 
+def test_prefix_routing_fails_over_to_a_live_directory_replica(make_directory) -> None:
+    directory = make_directory("memory")
+    holdings(directory, {"decode-0:7601": 8})
+    with closing(socket.socket()) as free:
+        free.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{free.getsockname()[1]}"  # nothing listens there
+    options = routed_options([dead, directory.endpoint])
+
+    async def scenario() -> list[str]:
+        async with proxy_cluster(1, 3, **options) as c:
+            reasons = []
+            for _ in range(3):
+                body = {"model": "m", "prompt": PROMPT}
+                async with c.client.post(f"{c.proxy_url}/v1/completions", json=body) as resp:
+                    route = route_of(resp.headers[ROUTE_HEADER])
+                    reasons.append(f"{route['reason']}:{route['decode']}")
+            return reasons
+
+    assert run_async(scenario()) == ["prefix:decode-0:7601"] * 3
+
+
 def test_least_loaded_and_round_robin_policies() -> None:
     async def scenario() -> None:
         async with proxy_cluster(1, 2, route="least-loaded") as c:
@@ -324,7 +345,7 @@ def test_the_default_route_is_prefix_when_a_directory_is_given() -> None:
         "--directory", "dir:7600", "--block-size", "16", "--hash-seed", "1",
     ]  # fmt: skip
     config = _proxy_config(routed)
-    assert config.route is RoutePolicy.PREFIX and config.directory == "dir:7600"
+    assert config.route is RoutePolicy.PREFIX and config.directory == ("dir:7600",)
     assert config.decode_refs == (parse_node_ref("d:7601", key="x"),)
     assert _proxy_config([*routed, "--route", "least-loaded"]).route is RoutePolicy.LEAST_LOADED
 

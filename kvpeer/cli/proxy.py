@@ -70,7 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "round-robin), near-ties by load",
     )
     routing.add_argument(
-        "--directory", metavar="HOST:PORT", help="the kvpeer directory (for --route prefix)"
+        "--directory",
+        nargs="+",
+        metavar="HOST:PORT",
+        help="the kvpeer directory (for --route prefix); several: replicas on one Redis",
     )
     routing.add_argument(
         "--route-timeout",

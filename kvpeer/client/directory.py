@@ -11,8 +11,8 @@ directory forgets the node — it restarted with a memory store, the lease ran o
 or a call is refused with NOT_FOUND / FAILED_PRECONDITION — the thread joins
 again (new epoch) and re-publishes everything it holds, in batches.
 
-:func:`longest_run` picks, for an ordered list of keys (a prompt's chunks), the
-holder with the longest run of consecutive keys from the first one.
+Its answers are :mod:`kvpeer.client.location`'s :class:`Location` and
+:class:`Holder`; :func:`~kvpeer.client.location.longest_run` picks among them.
 
 Why hand-written, not ``tenacity`` (issue 14): nothing here is a blocking call
 retried in a loop. The re-join back-off is a deadline (``_retry_at``, with
@@ -31,7 +31,6 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 
 import grpc
 
@@ -40,49 +39,29 @@ from kvpeer.api.errors import ConfigError
 from kvpeer.api.fingerprint import Fingerprint
 from kvpeer.api.limits import MAX_KEY_BYTES, MAX_KEYS_PER_CALL
 from kvpeer.api.security import Security
+from kvpeer.client.location import Holder, Location
+from kvpeer.client.replicas import FAILOVER_CODES, DirectoryReplicas
 from kvpeer.client.score import load_message
 from kvpeer.v1 import directory_pb2 as pb
-from kvpeer.v1 import directory_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 # Statuses after which the node must join again: the directory does not know this
 # registration (NOT_FOUND) or it has been replaced (FAILED_PRECONDITION).
 _REJOIN = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION})
-# Statuses that mean "could not ask": worth a back-off before asking again.
-_UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# Statuses that mean "could not ask" (after every replica was tried): worth a back-off.
+_UNREACHABLE = FAILOVER_CODES
 _CHANNEL_OPTIONS = [
     # Notice a directory that comes back within a second or two, not minutes.
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2000),
     ("grpc.max_receive_message_length", 16 << 20),
+    # A name that resolves to several addresses: spread over them, skip dead ones.
+    ("grpc.lb_policy_name", "round_robin"),
 ]
 _RETRY_INITIAL_S = 0.1
 _RETRY_MAX_S = 5.0
-
-
-@dataclass(frozen=True)
-class Holder:
-    """A node that holds a key: dial ``endpoint``; ``epoch`` is its registration."""
-
-    node_id: str
-    endpoint: str
-    epoch: int
-
-
-@dataclass(frozen=True)
-class Location:
-    """The answer to :meth:`DirectoryClient.locate`.
-
-    ``holders[i]`` lists the holders of the i-th key asked (``[]``: nobody has it).
-    ``ok`` is False when the directory could not be asked; then every entry is
-    ``[]`` and ``error`` says why.
-    """
-
-    holders: list[list[Holder]]
-    ok: bool
-    error: str | None = None
 
 
 def _check_keys(keys: Iterable[bytes]) -> list[bytes]:
@@ -113,7 +92,9 @@ class DirectoryClient:
     queue operations, never across an RPC.
 
     Args:
-        endpoint: ``host:port`` of the directory.
+        endpoint: ``host:port`` of the directory, or several (a list or a
+            comma-separated string): replicas on one Redis, any of which may serve
+            any call (:mod:`kvpeer.client.replicas`: health, failover, spreading).
         node_id: this node's id, unique in the cluster.
         advertise: ``host:port`` peers dial to reach this node's KVPeer service.
         fingerprint: this node's compatibility fingerprint (its namespace).
@@ -128,11 +109,13 @@ class DirectoryClient:
             background thread reaches the directory first).
         load: the node's load figures, sent with each heartbeat for routers (see
             :func:`kvpeer.client.score.load_message`); None sends none.
+        on_replica_failure: called with a replica's ``host:port`` whenever a call
+            to it could not be answered (and was tried on the next one): metrics.
     """
 
     def __init__(
         self,
-        endpoint: str,
+        endpoint: str | Sequence[str],
         *,
         node_id: str,
         advertise: str,
@@ -144,8 +127,12 @@ class DirectoryClient:
         publish: bool = True,
         locate_backoff_s: float = 1.0,
         load: Callable[[], Mapping[str, int]] | None = None,
+        on_replica_failure: Callable[[str], None] | None = None,
     ) -> None:
-        self._target = str(parse_endpoint(endpoint, key="directory"))
+        self._replicas = DirectoryReplicas(
+            endpoint, security, _CHANNEL_OPTIONS, on_failure=on_replica_failure
+        )
+        self._target = ", ".join(self._replicas.targets)
         if not node_id or any(c.isspace() for c in node_id):
             raise ConfigError("node_id", f"expected a name without spaces, got {node_id!r}")
         if publish and parse_endpoint(advertise, key="advertise").is_wildcard:
@@ -165,8 +152,6 @@ class DirectoryClient:
         self._interval = publish_interval_s
         self._locate_backoff = locate_backoff_s
         self._load = load
-        self._channel = (security or Security()).open_channel(self._target, _CHANNEL_OPTIONS)
-        self._stub = directory_pb2_grpc.DirectoryStub(self._channel)
 
         self._cond = threading.Condition()
         # Everything below is guarded by self._cond.
@@ -314,9 +299,7 @@ class DirectoryClient:
                 fingerprint=self.fingerprint.digest, keys=batch, exclude_node_id=self.node_id
             )
             try:
-                response = self._stub.Locate(
-                    request, timeout=max(0.001, deadline - time.monotonic())
-                )
+                response = self._replicas.call("Locate", request, deadline=deadline, sticky=False)
             except grpc.RpcError as exc:
                 return self._locate_failed(keys, exc)
             except ValueError:  # close() closed the channel meanwhile
@@ -336,6 +319,10 @@ class DirectoryClient:
         with self._cond:
             return {**self._stats, "queued": len(self._pending), "held": len(self._held)}
 
+    def replica_health(self) -> dict[str, dict[str, object]]:
+        """Per directory endpoint: ``up``, ``calls``, ``failures``, ``last_error``."""
+        return self._replicas.health()
+
     def close(self) -> None:
         """Leave (best effort, short deadline), stop the thread, close the channel.
 
@@ -349,13 +336,15 @@ class DirectoryClient:
             self._cond.notify_all()
         if epoch is not None:
             try:
-                self._stub.Leave(
+                self._replicas.call(
+                    "Leave",
                     pb.LeaveRequest(node_id=self.node_id, epoch=epoch),
-                    timeout=min(1.0, self._rpc_timeout),
+                    deadline=time.monotonic() + min(1.0, self._rpc_timeout),
+                    sticky=True,
                 )
             except grpc.RpcError as exc:
                 log.debug("leave failed: %s", _describe(exc))
-        self._channel.close()  # also ends an RPC the thread may be waiting on
+        self._replicas.close()  # also ends an RPC the thread may be waiting on
         if self._thread is not None:
             self._thread.join(timeout=self._rpc_timeout + 1.0)
 
@@ -469,12 +458,24 @@ class DirectoryClient:
         self._retry_at = time.monotonic() + self._retry_delay * random.uniform(0.8, 1.2)
         self._retry_delay = min(_RETRY_MAX_S, self._retry_delay * 2)
 
+    def _call(self, method: str, request: object) -> object:
+        """A background call: to the replica that answered last, the others if it cannot.
+
+        Each replica gets a whole RPC timeout (nothing waits on this thread).
+        Publish, Withdraw and Heartbeat are idempotent; a Join that reached a
+        replica whose answer was lost only leaves an epoch the next Join fences.
+        """
+        deadline = time.monotonic() + self._rpc_timeout * len(self._replicas.replicas)
+        return self._replicas.call(
+            method, request, deadline=deadline, sticky=True, per_try_s=self._rpc_timeout
+        )
+
     def _join(self) -> None:
         request = pb.JoinRequest(
             node_id=self.node_id, endpoint=self.advertise, fingerprint=self.fingerprint.to_proto()
         )
         try:
-            response = self._stub.Join(request, timeout=self._rpc_timeout)
+            response = self._call("Join", request)
         except grpc.RpcError as exc:
             with self._cond:
                 self._failed("join", exc)
@@ -505,11 +506,11 @@ class DirectoryClient:
         with self._cond:
             epoch = self._epoch
         try:
-            response = self._stub.Heartbeat(
+            response = self._call(
+                "Heartbeat",
                 pb.HeartbeatRequest(
                     node_id=self.node_id, epoch=epoch, load=load_message(self._load)
                 ),
-                timeout=self._rpc_timeout,
             )
         except grpc.RpcError as exc:
             with self._cond:
@@ -520,6 +521,7 @@ class DirectoryClient:
             self._lease_s = response.lease_ttl_ms / 1000
             self._heartbeat_at = time.monotonic() + self._lease_s / 3
             self._reachable()
+        self._replicas.probe(self._rpc_timeout)  # replicas that failed: back yet?
 
     def _take_batch(self) -> tuple[bool, list[bytes]]:
         """Pop up to a batch of queued keys with the same operation (lock held)."""
@@ -540,15 +542,10 @@ class DirectoryClient:
             epoch = self._epoch
             self._inflight = True
         method, request_type = (
-            (self._stub.Publish, pb.PublishRequest)
-            if op
-            else (self._stub.Withdraw, pb.WithdrawRequest)
+            ("Publish", pb.PublishRequest) if op else ("Withdraw", pb.WithdrawRequest)
         )
         try:
-            method(
-                request_type(node_id=self.node_id, epoch=epoch, keys=keys),
-                timeout=self._rpc_timeout,
-            )
+            self._call(method, request_type(node_id=self.node_id, epoch=epoch, keys=keys))
         except grpc.RpcError as exc:
             with self._cond:
                 self._inflight = False
@@ -571,29 +568,3 @@ class DirectoryClient:
 
 #: Statuses that refuse a publish/withdraw batch for what it is, not for the moment.
 _REFUSED_BATCH = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
-
-
-def longest_run(
-    location: Location, *, exclude: str | None = None, rng: random.Random | None = None
-) -> tuple[Holder | None, int]:
-    """The holder of the longest run of consecutive keys from the first, and its length.
-
-    ``location`` answers an ordered list of keys (a prompt's chunks). Among the
-    holders of key 0 (leaving out node ``exclude``), the one that also holds the
-    most following keys without a gap wins; ties are broken at random (``rng``)
-    so that load spreads over replicas. ``(None, 0)`` when key 0 has no holder.
-    """
-    rows = location.holders
-    alive = {h.node_id: h for h in rows[0] if h.node_id != exclude} if rows else {}
-    if not alive:
-        return None, 0
-    run = 1
-    for row in rows[1:]:
-        ids = {h.node_id for h in row}
-        survivors = {node_id: h for node_id, h in alive.items() if node_id in ids}
-        if not survivors:
-            break
-        alive = survivors
-        run += 1
-    candidates = sorted(alive.values(), key=lambda h: h.node_id)
-    return (rng or random).choice(candidates), run

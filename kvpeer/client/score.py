@@ -10,14 +10,15 @@ caller can fall back without ever failing a request. It needs no registration
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
 
-from kvpeer.api.endpoint import parse_endpoint
 from kvpeer.api.limits import MAX_KEYS_PER_CALL
 from kvpeer.api.security import Security
+from kvpeer.client.replicas import parse_directory_endpoints
 from kvpeer.v1 import directory_pb2 as pb
 from kvpeer.v1 import directory_pb2_grpc
 
@@ -29,6 +30,15 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.max_receive_message_length", 16 << 20),
 ]
+
+
+_REASONS = {
+    grpc.StatusCode.DEADLINE_EXCEEDED: "timeout",
+    grpc.StatusCode.UNAVAILABLE: "unavailable",
+    grpc.StatusCode.UNIMPLEMENTED: "unimplemented",
+}
+#: How long a replica that could not answer is asked only after the others.
+_DOWN_S = 1.0
 
 
 class ScoreError(Exception):
@@ -57,7 +67,9 @@ class ScoreClient:
     """Directory.Score over one asyncio channel. Create, use and close on one event loop.
 
     Args:
-        endpoint: the directory's ``host:port``.
+        endpoint: the directory's ``host:port``, or several replicas on one Redis (a
+            list or comma-separated): a call goes to the first that is not down; one
+            that could not answer is down for a second (the next call asks another).
         timeout_s: deadline of each call (routing must stay cheap: a few ms).
         fingerprint: score only this namespace (digest); empty scores every one.
         security: the TLS files and/or bearer token the directory requires (a
@@ -66,19 +78,20 @@ class ScoreClient:
 
     def __init__(
         self,
-        endpoint: str,
+        endpoint: str | Sequence[str],
         *,
         timeout_s: float = 0.005,
         fingerprint: str = "",
         security: Security | None = None,
     ) -> None:
-        self.target = str(parse_endpoint(endpoint, key="directory"))
+        self.targets = parse_directory_endpoints(endpoint)
         self.timeout_s = timeout_s
         self.fingerprint = fingerprint
         security = security or Security()
         self._metadata = security.call_metadata()
-        self._channel = security.open_aio_channel(self.target, _CHANNEL_OPTIONS)
-        self._stub = directory_pb2_grpc.DirectoryStub(self._channel)
+        self._channels = [security.open_aio_channel(t, _CHANNEL_OPTIONS) for t in self.targets]
+        self._stubs = [directory_pb2_grpc.DirectoryStub(c) for c in self._channels]
+        self._down_until = [0.0] * len(self.targets)
 
     async def score(self, keys: Sequence[bytes]) -> list[NodeScore]:
         """Every live node's longest prefix of ``keys`` (the first 4,096 count), longest first.
@@ -88,20 +101,31 @@ class ScoreClient:
         if not keys:
             raise ValueError("Score needs at least one key")
         request = pb.ScoreRequest(fingerprint=self.fingerprint, keys=keys[:MAX_KEYS_PER_CALL])
-        try:
-            response = await self._stub.Score(
-                request, timeout=self.timeout_s, metadata=self._metadata
-            )
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            reason = {
-                grpc.StatusCode.DEADLINE_EXCEEDED: "timeout",
-                grpc.StatusCode.UNAVAILABLE: "unavailable",
-                grpc.StatusCode.UNIMPLEMENTED: "unimplemented",
-            }.get(code, "refused")
-            raise ScoreError(
-                reason, f"directory at {self.target}: {code.name}: {exc.details()}"
-            ) from None
+        deadline = time.monotonic() + self.timeout_s
+        now = time.monotonic()
+        order = sorted(range(len(self.targets)), key=lambda i: self._down_until[i] > now)
+        error: ScoreError | None = None
+        for index in order:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 and error is not None:
+                break
+            try:
+                response = await self._stubs[index].Score(
+                    request, timeout=max(0.0005, remaining), metadata=self._metadata
+                )
+                break
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                reason = _REASONS.get(code, "refused")
+                error = ScoreError(
+                    reason, f"directory at {self.targets[index]}: {code.name}: {exc.details()}"
+                )
+                if reason not in ("timeout", "unavailable"):
+                    raise error from None
+                self._down_until[index] = time.monotonic() + _DOWN_S
+        else:
+            assert error is not None
+            raise error
         out = []
         for node in response.nodes:
             has_load = node.HasField("load")
@@ -120,7 +144,8 @@ class ScoreClient:
         return out
 
     async def close(self) -> None:
-        await self._channel.close()
+        for channel in self._channels:
+            await channel.close()
 
 
 def load_message(load: Callable[[], Mapping[str, int]] | None) -> pb.NodeLoad | None:

@@ -50,8 +50,8 @@ class ProxyConfig:
     route: RoutePolicy = RoutePolicy.ROUND_ROBIN
     #: Each decode node's directory identity, in the order of ``decode`` (or empty).
     decode_refs: tuple[NodeRef | None, ...] = ()
-    #: The directory ``host:port`` prefix routing asks.
-    directory: str | None = None
+    #: The directory ``host:port`` (or its replicas) prefix routing asks.
+    directory: tuple[str, ...] | None = None
     #: The settings chunk keys are computed with (the nodes' settings).
     key_spec: KeySpec | None = None
     #: Deadline of the directory call that routes one request.

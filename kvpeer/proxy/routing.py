@@ -55,6 +55,7 @@ from kvpeer.api.errors import ConfigError
 from kvpeer.api.keys import HashCache, KeySpec, request_cache_salt, request_tokens
 from kvpeer.api.limits import MAX_KEYS_PER_CALL
 from kvpeer.api.security import Security
+from kvpeer.client.replicas import parse_directory_endpoints
 from kvpeer.client.score import NodeScore, ScoreClient, ScoreError
 
 log = logging.getLogger(__name__)
@@ -224,7 +225,7 @@ def check_route_options(options: dict[str, Any], *, mapped: bool) -> None:
         return
     if not options.get("directory"):
         raise ConfigError("--directory", "--route prefix needs the directory's host:port")
-    options["directory"] = str(parse_endpoint(options["directory"], key="--directory"))
+    options["directory"] = parse_directory_endpoints(options["directory"], key="--directory")
     if options.get("key_spec") is None:
         raise ConfigError("--block-size", "--route prefix needs the nodes' --block-size")
     if not mapped:
@@ -267,7 +268,7 @@ class Router:
         prefill: Sequence[tuple[str, NodeRef | None]],
         decode: Sequence[tuple[str, NodeRef | None]],
         *,
-        directory: str | None = None,
+        directory: str | Sequence[str] | None = None,
         timeout_s: float = 0.005,
         keys: KeySpec | None = None,
         security: Security | None = None,

@@ -38,8 +38,9 @@ _LOCALITIES = ("LOCAL", "REMOTE")
 class TierConfig:
     """Validated tier settings. Durations are seconds."""
 
-    #: host:port of the directory service; None uses only ``peers``.
-    directory: Endpoint | None = None
+    #: host:port of the directory service, or of several replicas on one Redis
+    #: (a list, or comma-separated); empty uses only ``peers``.
+    directory: tuple[Endpoint, ...] = ()
     #: Static peer endpoints, asked directly when there is no directory (or in addition).
     peers: tuple[Endpoint, ...] = ()
     #: Where this node's chunk server binds. Port 0 picks a free port (tests).
@@ -148,7 +149,7 @@ class TierConfig:
                     "mutual" if value.tls and value.tls.ca else ("on" if value.tls else "off")
                 )
                 out["auth_token"] = "on" if value.token else "off"
-            elif f.name == "peers":
+            elif f.name in ("peers", "directory"):
                 out[f.name] = ",".join(map(str, value))
             else:
                 out[f.name] = "" if value is None else str(value)
@@ -177,6 +178,19 @@ def _peers(raw: Any, key: str) -> tuple[Endpoint, ...]:
     if not isinstance(raw, (list, tuple)):
         raise ConfigError(key, f"expected a list of 'host:port', got {raw!r}")
     return tuple(parse_endpoint(p, key=f"{key}[{i}]") for i, p in enumerate(raw))
+
+
+def _directories(raw: Any, key: str) -> tuple[Endpoint, ...]:
+    if raw is None:
+        return ()
+    if isinstance(raw, str) and "," not in raw:
+        return (parse_endpoint(raw, key=key),)  # the common case: name the key itself
+    endpoints = _peers(raw, key)
+    if not endpoints:
+        raise ConfigError(key, "expected 'host:port' or a list of directory replicas, got none")
+    if len(set(endpoints)) != len(endpoints):
+        raise ConfigError(key, f"a replica is listed twice: {', '.join(map(str, endpoints))}")
+    return endpoints
 
 
 def _node_id(raw: Any, key: str) -> str:
@@ -230,7 +244,7 @@ def _count(low: int, high: int):
 _SECURITY_KEYS = ("tls", "auth_token_file", "read_only_token_file", "node_tokens")
 
 _PARSERS = {
-    "directory": _optional_endpoint,
+    "directory": _directories,
     "peers": _peers,
     "listen": _endpoint,
     "pull_port": _pull_port,

@@ -30,6 +30,7 @@ PULL_LATENCY = "vllm:kvpeer_pull_latency_seconds"
 LOOKUPS = "vllm:kvpeer_lookups"
 FAILURES = "vllm:kvpeer_failures"
 DIRECTORY_ERRORS = "vllm:kvpeer_directory_errors"
+DIRECTORY_REPLICA_FAILURES = "vllm:kvpeer_directory_replica_failures"
 HANDOFFS = "vllm:kvpeer_handoffs"
 PULLED_CHUNKS_BY_PATH = "vllm:kvpeer_pulled_chunks_by_path"
 PULLED_BYTES_BY_PATH = "vllm:kvpeer_pulled_bytes_by_path"
@@ -62,6 +63,10 @@ DEFINITIONS: Mapping[str, OffloadingMetricMetadata] = {
         labelnames=("reason",),
     ),
     DIRECTORY_ERRORS: OffloadingCounterMetadata("Calls to the directory that failed."),
+    DIRECTORY_REPLICA_FAILURES: OffloadingCounterMetadata(
+        "Calls a directory replica could not answer (then tried on the next one), by endpoint.",
+        labelnames=("endpoint",),
+    ),
     HANDOFFS: OffloadingCounterMetadata(
         "Prefill/decode handoffs produced by this node, by outcome (pulled, timeout, reset).",
         labelnames=("outcome",),

@@ -33,7 +33,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 
 from kvpeer.api.errors import IncompatiblePeerError, KVPeerError, PeerUnavailableError
-from kvpeer.client.directory import DirectoryClient, Holder, Location, longest_run
+from kvpeer.client.directory import DirectoryClient
+from kvpeer.client.location import Holder, Location, longest_run
 from kvpeer.client.peer import PeerClientPool
 from kvpeer.tier import metrics
 from kvpeer.tier.consumer_state import ConsumerState, Lease, Pin

@@ -219,7 +219,7 @@ class PeerSecondaryTier(SecondaryTierManager):
             self.node_id,
             listen.with_port(self._server.port),
             self.endpoint,
-            config.directory or "none",
+            ", ".join(map(str, config.directory)) or "none",
             ",".join(map(str, config.peers)) or "none",
         )
 
@@ -254,12 +254,12 @@ class PeerSecondaryTier(SecondaryTierManager):
         if self._identity.warning:
             log.warning("%s", self._identity.warning)
         log.info("kvpeer tier %s fingerprint %s", self.node_id, self.fingerprint.digest)
-        if not self._identity.shareable or self.config.directory is None:
+        if not self._identity.shareable or not self.config.directory:
             self._publisher.disable()
-        if self.config.directory is None or self._stopping.is_set():
+        if not self.config.directory or self._stopping.is_set():
             return
         directory = DirectoryClient(
-            str(self.config.directory),
+            [str(e) for e in self.config.directory],
             node_id=self.node_id,
             advertise=self.endpoint,
             fingerprint=self.fingerprint,
@@ -269,12 +269,17 @@ class PeerSecondaryTier(SecondaryTierManager):
             publish_interval_s=self.config.publish_interval_s,
             publish=self._identity.shareable,
             load=self._load_figures,
+            on_replica_failure=self._replica_failed,
         )
         directory.start()
         self._directory = directory
         self._resolver.directory = directory
         if self._identity.shareable:
             self._publisher.attach(directory)
+
+    def _replica_failed(self, endpoint: str) -> None:
+        """A directory replica could not answer (any thread): count it by endpoint."""
+        self._metrics.count(metrics.DIRECTORY_REPLICA_FAILURES, 1, endpoint)
 
     def _load_figures(self) -> dict[str, int]:
         """Load sent with directory heartbeats (Directory.Score shows it to routers)."""
@@ -429,7 +434,7 @@ class PeerSecondaryTier(SecondaryTierManager):
         return PeerTierInfo(
             kvpeer_node_id=self.node_id,
             kvpeer_endpoint=self.endpoint,
-            kvpeer_directory=str(self.config.directory or ""),
+            kvpeer_directory=",".join(map(str, self.config.directory)),
             kvpeer_fingerprint=self.fingerprint.digest,
         ).as_config_info()
 

@@ -1,0 +1,220 @@
+"""The directory replicas a client may call, their health, and the order to try them in.
+
+Several ``kvpeer directory`` processes on one Redis serve the same state: a node may
+send any call to any of them, and what it did through one is visible through the
+others at once (the state, epochs and lease expiry included, lives in Redis). So a
+client lists them all and :class:`DirectoryReplicas` decides which one to ask:
+
+- a replica that answered UNAVAILABLE or DEADLINE_EXCEEDED is *down* for
+  ``down_for_s`` (doubling while it stays down, up to 30 s), then *recovering*
+  until it answers again; calls try healthy replicas first, then recovering ones,
+  then down ones (only when nothing else is left). Recovering replicas get a
+  :meth:`DirectoryReplicas.probe` from the background thread, so that a hung
+  replica never costs a locate its deadline twice;
+- :meth:`DirectoryReplicas.order` with ``sticky`` (the background thread's joins,
+  heartbeats and publishes) keeps to the replica that last answered, so one node's
+  writes arrive in order; without it (locates) the start rotates, spreading reads;
+- every other status (NOT_FOUND, INVALID_ARGUMENT, ...) is the directory's answer,
+  the same from every replica: it is returned, not failed over.
+
+Replicas of memory-store directories do not share state; list several only for
+directories on the same Redis.
+
+Thread-safe: one lock guards the health figures, never held across an RPC.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from kvpeer.api.endpoint import parse_endpoint
+from kvpeer.api.errors import ConfigError
+from kvpeer.api.security import Security
+from kvpeer.v1 import directory_pb2 as pb
+from kvpeer.v1 import directory_pb2_grpc
+
+#: Statuses that mean "this replica could not answer": another one may.
+FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+_DOWN_MAX_S = 30.0
+
+
+@dataclass
+class Replica:
+    """One directory endpoint: its channel and health. Figures guarded by the set's lock."""
+
+    target: str
+    channel: grpc.Channel
+    stub: directory_pb2_grpc.DirectoryStub
+    down_until: float = 0.0
+    down_for_s: float = 0.0
+    calls: int = 0
+    failures: int = 0
+    last_error: str | None = field(default=None, repr=False)
+
+
+def parse_directory_endpoints(raw: Any, key: str = "directory") -> tuple[str, ...]:
+    """``host:port``, a comma-separated list of them, or a list; ConfigError naming ``key``."""
+    items = raw.split(",") if isinstance(raw, str) else raw
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(key, f"expected 'host:port' or a list of them, got {raw!r}")
+    targets = [
+        str(parse_endpoint(item, key=f"{key}[{i}]" if len(items) > 1 else key))
+        for i, item in enumerate(items)
+        if not isinstance(item, str) or item.strip()
+    ]
+    if not targets:
+        raise ConfigError(key, "no directory endpoint given")
+    if len(set(targets)) != len(targets):
+        raise ConfigError(key, f"an endpoint is listed twice: {', '.join(targets)}")
+    return tuple(targets)
+
+
+class DirectoryReplicas:
+    """One channel per directory replica, with the health that orders them.
+
+    Args:
+        endpoints: the replicas' ``host:port`` (see :func:`parse_directory_endpoints`);
+            a name that resolves to several addresses is one replica to gRPC, which
+            spreads calls over the addresses (``round_robin``) and skips dead ones.
+        security: credentials presented to each.
+        options: gRPC channel options.
+        down_for_s: how long a replica that could not answer is tried last.
+        on_failure: called with a replica's target each time a call to it fails
+            with a failover status (metrics); from the calling thread.
+    """
+
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        security: Security | None,
+        options: list[tuple[str, Any]],
+        *,
+        down_for_s: float = 1.0,
+        on_failure: Callable[[str], None] | None = None,
+    ) -> None:
+        security = security or Security()
+        self.replicas = []
+        for target in parse_directory_endpoints(endpoints):
+            channel = security.open_channel(target, options)
+            self.replicas.append(
+                Replica(target, channel, directory_pb2_grpc.DirectoryStub(channel))
+            )
+        self._down_for_s = down_for_s
+        self._on_failure = on_failure
+        self._lock = threading.Lock()
+        self._current = 0
+        self._turn = 0
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(r.target for r in self.replicas)
+
+    def order(self, *, sticky: bool) -> list[Replica]:
+        """The replicas in the order to try them: up ones first (see the module docstring)."""
+        now = time.monotonic()
+        with self._lock:
+            if sticky:
+                start = self._current
+            else:
+                start = self._turn
+                self._turn = (self._turn + 1) % len(self.replicas)
+            turn = self.replicas[start:] + self.replicas[:start]
+            healthy = [r for r in turn if not r.down_for_s]
+            recovering = [r for r in turn if r.down_for_s and r.down_until <= now]
+            down = sorted((r for r in turn if r.down_until > now), key=lambda r: r.down_until)
+            return healthy + recovering + down
+
+    def probe(self, timeout_s: float) -> None:
+        """Ask each recovering replica for Stats; one that answers is healthy again.
+
+        For the background thread (it blocks up to ``timeout_s`` per replica).
+        """
+        now = time.monotonic()
+        with self._lock:
+            due = [r for r in self.replicas if r.down_for_s and r.down_until <= now]
+        for replica in due:
+            try:
+                replica.stub.Stats(pb.StatsRequest(), timeout=timeout_s)
+            except grpc.RpcError as exc:
+                self._failed(replica, exc)
+            else:
+                with self._lock:
+                    replica.calls += 1
+                    replica.down_until = replica.down_for_s = 0.0
+
+    def call(
+        self,
+        method: str,
+        request: Any,
+        *,
+        deadline: float,
+        sticky: bool,
+        per_try_s: float | None = None,
+    ) -> Any:
+        """``method`` on the first replica that answers before ``deadline`` (monotonic).
+
+        Each try is bounded by the time left and ``per_try_s``. Fails over on
+        :data:`FAILOVER_CODES` while time is left; raises the last
+        ``grpc.RpcError`` when no replica answered, any other status at once.
+        """
+        error: grpc.RpcError | None = None
+        for replica in self.order(sticky=sticky):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 and error is not None:
+                break
+            timeout = remaining if per_try_s is None else min(remaining, per_try_s)
+            try:
+                response = getattr(replica.stub, method)(request, timeout=max(0.001, timeout))
+            except grpc.RpcError as exc:
+                code = exc.code() if isinstance(exc, grpc.Call) else None
+                if code not in FAILOVER_CODES:
+                    self._answered(replica)
+                    raise
+                self._failed(replica, exc)
+                error = exc
+                continue
+            self._answered(replica)
+            return response
+        assert error is not None
+        raise error
+
+    def health(self) -> dict[str, dict[str, Any]]:
+        """Per replica: ``up`` (answered its last call), ``calls``, ``failures``, ``last_error``."""
+        with self._lock:
+            return {
+                r.target: {
+                    "up": not r.down_for_s,
+                    "calls": r.calls,
+                    "failures": r.failures,
+                    "last_error": r.last_error,
+                }
+                for r in self.replicas
+            }
+
+    def close(self) -> None:
+        for replica in self.replicas:
+            replica.channel.close()
+
+    def _answered(self, replica: Replica) -> None:
+        with self._lock:
+            replica.calls += 1
+            replica.down_until = 0.0
+            replica.down_for_s = 0.0
+            self._current = self.replicas.index(replica)
+
+    def _failed(self, replica: Replica, exc: grpc.RpcError) -> None:
+        details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+        with self._lock:
+            replica.calls += 1
+            replica.failures += 1
+            replica.last_error = details
+            replica.down_for_s = min(_DOWN_MAX_S, max(self._down_for_s, replica.down_for_s * 2))
+            replica.down_until = time.monotonic() + replica.down_for_s
+        if self._on_failure is not None:
+            self._on_failure(replica.target)

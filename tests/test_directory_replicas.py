@@ -1,0 +1,188 @@
+"""Several ``kvpeer directory`` processes on one Redis: one state, and clients that fail over.
+
+Real ``kvpeer directory`` processes (:class:`DirectoryProcess`) on one real
+``redis-server``; callers are raw gRPC stubs and real :class:`DirectoryClient`s,
+as nodes use them. A replica is SIGKILLed while a node publishes and another
+locates.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from kvpeer.api.errors import ConfigError
+from kvpeer.client.directory import DirectoryClient
+from kvpeer.client.replicas import parse_directory_endpoints
+from kvpeer.sim.directory import DirectoryProcess
+from kvpeer.v1 import directory_pb2 as pb
+from kvpeer.v1 import directory_pb2_grpc
+from tests.support.directory import FP_A, RPC_TIMEOUT_S, keys, wait_until
+from tests.support.redis_server import RedisServer
+
+
+@pytest.fixture
+def replicas() -> Iterator[list[DirectoryProcess]]:
+    """Three directory processes on one Redis, lease 3 s."""
+    with RedisServer() as redis:
+        started = [
+            DirectoryProcess(["--store", redis.url, "--lease-ttl", "3"], metrics=False)
+            for _ in range(3)
+        ]
+        try:
+            yield started
+        finally:
+            for process in started:
+                process.close()
+
+
+def stub(process: DirectoryProcess) -> directory_pb2_grpc.DirectoryStub:
+    return directory_pb2_grpc.DirectoryStub(grpc.insecure_channel(process.endpoint))
+
+
+def holders(s: directory_pb2_grpc.DirectoryStub, ks: list[bytes]) -> list[set[tuple[str, int]]]:
+    response = s.Locate(pb.LocateRequest(fingerprint=FP_A.digest, keys=ks), timeout=RPC_TIMEOUT_S)
+    nodes = [(n.node_id, n.epoch) for n in response.nodes]
+    return [{nodes[i] for i in row.nodes} for row in response.holders]
+
+
+def test_three_replicas_serve_one_state(replicas: list[DirectoryProcess]) -> None:
+    a, b, c = (stub(p) for p in replicas)
+    join = pb.JoinRequest(node_id="n1", endpoint="n1.test:7601", fingerprint=FP_A.to_proto())
+    epoch = a.Join(join, timeout=RPC_TIMEOUT_S).epoch  # join through one,
+    b.Publish(pb.PublishRequest(node_id="n1", epoch=epoch, keys=keys(5)), timeout=10)  # publish
+    assert holders(c, keys(5)) == [{("n1", epoch)}] * 5  # through another, locate via a third
+    scored = c.Score(pb.ScoreRequest(keys=keys(5)), timeout=RPC_TIMEOUT_S).nodes
+    assert [(n.node_id, n.prefix_keys) for n in scored] == [("n1", 5)]
+    # The epoch is one registration everywhere: a heartbeat through the third is current,
+    # a stale epoch is refused by every replica, and the next join fences through all.
+    c.Heartbeat(pb.HeartbeatRequest(node_id="n1", epoch=epoch), timeout=RPC_TIMEOUT_S)
+    again = b.Join(join, timeout=RPC_TIMEOUT_S).epoch
+    for s in (a, b, c):
+        with pytest.raises(grpc.RpcError) as info:
+            s.Heartbeat(pb.HeartbeatRequest(node_id="n1", epoch=epoch), timeout=RPC_TIMEOUT_S)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert holders(s, keys(1)) == [set()]
+    # Lease expiry is decided from Redis's clock and state, not a replica's own timers:
+    # the registration nobody heartbeats ends at once everywhere.
+    a.Publish(pb.PublishRequest(node_id="n1", epoch=again, keys=keys(2)), timeout=10)
+    assert holders(b, keys(2)) == [{("n1", again)}] * 2
+    wait_until(lambda: all(holders(s, keys(2)) == [set()] * 2 for s in (a, b, c)), 10, "expiry")
+
+
+def test_a_node_fails_over_when_a_replica_is_killed_mid_traffic(
+    replicas: list[DirectoryProcess],
+) -> None:
+    endpoints = [p.endpoint for p in replicas]
+    failures: list[str] = []
+    holder = DirectoryClient(
+        endpoints,
+        node_id="holder",
+        advertise="holder.test:7601",
+        fingerprint=FP_A,
+        rpc_timeout_s=1.0,
+        publish_interval_s=0.01,
+        on_replica_failure=failures.append,
+    )
+    consumer = DirectoryClient(
+        endpoints,
+        node_id="consumer",
+        advertise="consumer.test:7601",
+        fingerprint=FP_A,
+        rpc_timeout_s=1.0,
+        publish=False,
+    )
+    holder.start()
+    try:
+        published = keys(400, "kv")
+        holder.publish(published[:200])
+        assert holder.flush(10)
+        epoch = holder.epoch
+        stop = threading.Event()
+        slowest: list[float] = []
+        missed: list[int] = []
+
+        def locate_forever() -> None:
+            while not stop.is_set():
+                started = time.monotonic()
+                location = consumer.locate(published[:200])
+                slowest.append(time.monotonic() - started)
+                missed.append(sum(1 for row in location.holders if not row))
+
+        reader = threading.Thread(target=locate_forever)
+        reader.start()
+        time.sleep(0.3)
+        sticky = replicas[0]  # the replica both clients asked first
+        sticky.kill()
+        holder.publish(published[200:])  # writes go on through another replica
+        assert holder.flush(10)
+        time.sleep(0.5)
+        stop.set()
+        reader.join(10)
+
+        assert holder.epoch == epoch and holder.stats()["rejoins"] == 0  # no re-join
+        assert max(slowest) < 1.5, "a locate waited past its deadline"
+        assert missed[-1] == 0 and sum(missed) <= 200, "locates kept answering (MISS at worst once)"
+        location = consumer.locate(published)  # all 400, the last 200 sent after the kill
+        assert location.ok and all(
+            [(h.node_id, h.epoch) for h in row] == [("holder", epoch)] for row in location.holders
+        )
+        health = holder.replica_health()
+        assert not health[sticky.endpoint]["up"] and health[sticky.endpoint]["failures"] >= 1
+        assert all(health[p.endpoint]["up"] for p in replicas[1:])
+        assert failures and set(failures) == {sticky.endpoint}
+    finally:
+        holder.close()
+        consumer.close()
+
+
+def test_directory_endpoint_lists_are_checked() -> None:
+    assert parse_directory_endpoints("a:1, b:2") == ("a:1", "b:2")
+    assert parse_directory_endpoints(["a:1"]) == ("a:1",)
+    for raw, words in (
+        ("", "no directory endpoint"),
+        ("a:1,a:1", "listed twice"),
+        ("a:1,b", "directory[1]: missing ':port'"),
+        (7, "expected 'host:port' or a list"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            parse_directory_endpoints(raw)
+
+
+def test_a_hung_replica_costs_at_most_one_deadline_then_is_skipped(
+    replicas: list[DirectoryProcess],
+) -> None:
+    """A replica that accepts TCP and never answers: one call waits its deadline, no more."""
+    import socket
+
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)
+        silent = f"127.0.0.1:{hung.getsockname()[1]}"
+        client = DirectoryClient(
+            [silent, replicas[1].endpoint],
+            node_id="n",
+            advertise="n.test:7601",
+            fingerprint=FP_A,
+            rpc_timeout_s=0.5,
+        )
+        client.start()
+        try:
+            client.publish(keys(3))
+            assert client.flush(10)  # the join went to the hung one first, then on
+            for _ in range(20):  # never the hung replica's deadline again, and answered
+                started = time.monotonic()
+                location = client.locate(keys(3))
+                assert location.ok and location.holders == [[]] * 3  # held by no other node
+                assert time.monotonic() - started < 0.3
+                time.sleep(0.1)  # past the first down period: it is recovering, tried last
+            health = client.replica_health()
+            assert not health[silent]["up"] and health[replicas[1].endpoint]["up"]
+            assert health[silent]["calls"] == health[silent]["failures"] >= 1
+        finally:
+            client.close()
