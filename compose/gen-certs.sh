@@ -24,7 +24,7 @@ if [ "${1:-}" = "--force" ]; then
 fi
 dir=${1:-"$(cd "$(dirname "$0")" && pwd)/certs"}
 days=${DAYS:-825}
-sans="DNS:directory,DNS:prefill,DNS:decode,DNS:localhost,IP:127.0.0.1"
+sans="DNS:directory,DNS:directory-2,DNS:prefill,DNS:decode,DNS:localhost,IP:127.0.0.1"
 if [ -n "${EXTRA_SANS:-}" ]; then
     sans="$sans,$EXTRA_SANS"
 fi

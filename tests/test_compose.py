@@ -44,7 +44,9 @@ from tests.support.compose import (
 
 #: Keys vLLM's SecondaryTierFactory pops before calling the tier's constructor.
 VLLM_POPPED_TIER_KEYS = ("type", "module_path", "backpressure")
-SERVICES = {"directory", "prefill", "decode", "proxy"}
+SERVICES = {"redis", "directory", "directory-2", "prefill", "decode", "proxy"}
+#: The directory replicas (on the compose file's one Redis).
+DIRECTORIES = ("directory", "directory-2")
 GEN_CERTS = COMPOSE_DIR / "gen-certs.sh"
 
 
@@ -111,12 +113,16 @@ def test_services_images_health_checks_and_published_ports(
     services = compose["services"]
     assert set(services) == SERVICES
     for name, service in services.items():
+        assert service["healthcheck"]["test"][0] == "CMD", name
+        if name == "redis":
+            assert service["image"] == env["REDIS_IMAGE"]
+            continue
         assert service["image"] == env["KVPEER_IMAGE"], name
         assert service["build"] == {"context": "..", "dockerfile": "compose/Dockerfile"}, name
-        assert service["healthcheck"]["test"][0] == "CMD", name
     published = {
         name: sorted(tuple(map(int, p.split(":"))) for p in s["ports"])
         for name, s in services.items()
+        if "ports" in s  # redis and the second directory are reached inside the network
     }
     assert published == {
         "directory": [
@@ -139,7 +145,8 @@ def test_vllm_nodes_gpus_seed_and_shared_memory(
         service = compose["services"][node]
         assert service["entrypoint"] == ["vllm", "serve"]
         assert service["command"][0] == env["MODEL"]
-        assert service["depends_on"]["directory"]["condition"] == "service_healthy"
+        for directory in DIRECTORIES:
+            assert service["depends_on"][directory]["condition"] == "service_healthy"
         (device,) = service["deploy"]["resources"]["reservations"]["devices"]
         assert device == {
             "driver": "nvidia",
@@ -159,11 +166,14 @@ def test_vllm_nodes_gpus_seed_and_shared_memory(
 # -- commands -----------------------------------------------------------------------
 
 
-def test_directory_command_parses(compose: dict[str, Any], variant: str) -> None:
-    service = compose["services"]["directory"]
+@pytest.mark.parametrize("name", DIRECTORIES)
+def test_directory_command_parses(compose: dict[str, Any], variant: str, name: str) -> None:
+    service = compose["services"][name]
     args = _kvpeer_args(service)
     assert args.command == "directory"
     assert args.listen == "0.0.0.0:7600"
+    assert args.store == "redis://redis:6379/0"  # both replicas on the one Redis
+    assert service["depends_on"]["redis"]["condition"] == "service_healthy"
     tls_files = (args.tls_cert, args.tls_key, args.tls_ca, args.auth_token_file)
     if variant == "tls":
         for path in tls_files:
@@ -201,7 +211,7 @@ def test_tier_config_is_accepted_by_kvpeer(compose: dict[str, Any], variant: str
 
         config = TierConfig.from_kwargs(_tier_kwargs(compose, node))
         assert config.advertised == Endpoint(node, config.listen.port)
-        assert config.directory == (Endpoint("directory", 7600),)
+        assert config.directory == tuple(Endpoint(name, 7600) for name in DIRECTORIES)
         if variant == "tls":
             assert config.security.tls is not None and config.security.tls.ca is not None
             assert (
@@ -228,7 +238,7 @@ def _assert_commands_agree(theirs: dict[str, Any], variant: str, env: dict[str, 
     ours = load_compose(VARIANTS[variant], env)["services"]
     for name in SERVICES:
         assert theirs[name]["command"] == ours[name]["command"], name
-        assert theirs[name]["entrypoint"] == ours[name]["entrypoint"], name
+        assert theirs[name].get("entrypoint") == ours[name].get("entrypoint"), name
 
 
 @pytest.mark.skipif(
@@ -306,7 +316,7 @@ def test_generated_certificates_give_mutual_tls_with_a_token(certs: Path) -> Non
 
     try:
         # Every name the services dial each other by is in the node certificate.
-        for name in ("directory", "prefill", "decode", "localhost"):
+        for name in (*DIRECTORIES, "prefill", "decode", "localhost"):
             call(client(server_name=name))
             call(client("node", server_name=name))
         with pytest.raises(grpc.RpcError) as refused:
