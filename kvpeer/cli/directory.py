@@ -37,9 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--store",
         default="memory",
-        metavar="memory|redis://HOST:PORT/DB",
-        help="where to keep the state: in this process (default) or in Redis, "
-        "shared by every directory replica using it and kept across restarts",
+        metavar="memory|redis://HOST:PORT/DB|redis+cluster://HOST:PORT,.../",
+        help="where to keep the state: in this process (default) or in Redis or a Redis "
+        "Cluster (?wait=N: acknowledge writes once N replicas have them), shared by every "
+        "directory replica using it and kept across restarts",
     )
     parser.add_argument(
         "--lease-ttl",

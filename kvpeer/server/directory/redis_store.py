@@ -4,7 +4,17 @@ Each :class:`RedisStore` method is one Lua script run with ``EVALSHA``: one roun
 trip, atomic in Redis, with Redis's clock (``TIME``) as the only clock, so
 replicas on hosts with skewed clocks agree on leases.
 
-Key schema (``P`` is the prefix, ``kvpeer:`` by default)::
+**Redis Cluster** (``redis+cluster://host:port,host:port/``): the same scripts, with
+every key under one hash tag (the prefix is ``{kvpeer}:``), so each script's keys
+live in one slot and run atomically on the primary that owns it; the client follows
+MOVED/ASK and failovers. That buys availability (a primary dies, its replica takes
+over) but not write throughput: one namespace-agnostic slot means one primary does
+all the work. With ``?wait=N`` each write is acknowledged only once N replicas have
+it (``WAIT``), so an entry the store acknowledged survives the primary's death;
+without it (the default) a write acknowledged just before a primary dies may be lost
+with it (the node's publisher re-publishes when it next has to re-join).
+
+Key schema (``P`` is the prefix, ``kvpeer:`` by default, ``{kvpeer}:`` on a cluster)::
 
     P epoch              string  epoch counter: seeded from TIME in microseconds the
                                  first time, then INCR. Epochs are unique across
@@ -40,10 +50,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
 from kvpeer.api.errors import ConfigError
@@ -350,6 +361,12 @@ return freed
 """
 
 
+#: URL scheme of a Redis Cluster store: ``redis+cluster://host:port[,host:port...]/``.
+CLUSTER_SCHEME = "redis+cluster"
+#: How long a write waits for ``?wait=N`` replicas before it is refused.
+WAIT_TIMEOUT_MS = 1000
+
+
 def _describe_url(url: str, key: str) -> tuple[str, str]:
     """``(host:port, url without credentials)`` for messages; ConfigError naming ``key``."""
     try:
@@ -362,6 +379,41 @@ def _describe_url(url: str, key: str) -> tuple[str, str]:
     return address, f"{parts.scheme}://{address}{parts.path or '/0'}"
 
 
+def _cluster_nodes(url: str, key: str) -> tuple[list[ClusterNode], dict[str, Any], int]:
+    """Startup nodes, client options (credentials) and ``?wait=N`` of a cluster URL."""
+    parts = urlsplit(url)
+    credentials, _, hosts = parts.netloc.rpartition("@")
+    options: dict[str, Any] = {}
+    if credentials:
+        user, _, password = credentials.partition(":")
+        options = {"username": user or None, "password": password or None}
+    nodes = []
+    for item in hosts.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(
+                key,
+                f"invalid Redis Cluster URL {url!r}: expected "
+                f"{CLUSTER_SCHEME}://host:port[,host:port...]/ (got node {item!r})",
+            )
+        nodes.append(ClusterNode(host.strip("[]"), int(port)))
+    if parts.path not in ("", "/", "/0"):
+        raise ConfigError(key, f"invalid Redis Cluster URL {url!r}: a cluster has only db 0")
+    query = parse_qs(parts.query)
+    unknown = set(query) - {"wait"}
+    if unknown:
+        raise ConfigError(key, f"unknown option(s) {sorted(unknown)} in {url!r}: only wait=N")
+    wait = query.get("wait", ["0"])[-1]
+    if not wait.isdigit():
+        raise ConfigError(key, f"wait={wait!r} in {url!r}: expected a number of replicas")
+    return nodes, options, int(wait)
+
+
+def _has_hash_tag(prefix: str) -> bool:
+    start = prefix.find("{")
+    return start >= 0 and prefix.find("}", start + 2) > start
+
+
 class RedisStore(DirectoryStore):
     """Directory state in Redis (``redis://host:port/db``); see the module docstring.
 
@@ -370,9 +422,11 @@ class RedisStore(DirectoryStore):
     Redis is down and work again, without a restart, once it is back.
 
     Args:
-        url: ``redis://[user:password@]host:port/db`` (``rediss://`` for TLS).
+        url: ``redis://[user:password@]host:port/db`` (``rediss://`` for TLS), or
+            ``redis+cluster://[user:password@]host:port,host:port/[?wait=N]``.
         prefix: prepended to every Redis key, so several directories (or tests)
-            can share one Redis database.
+            can share one Redis database; on a cluster it must hold a ``{hash tag}``
+            (default ``{kvpeer}:``).
         timeout_s: socket timeout of each Redis call.
         sweep_batch: most entries one :meth:`sweep` frees (one script blocks Redis
             for its duration: a few milliseconds at the default).
@@ -382,25 +436,50 @@ class RedisStore(DirectoryStore):
         self,
         url: str,
         *,
-        prefix: str = "kvpeer:",
+        prefix: str | None = None,
         timeout_s: float = 2.0,
         sweep_batch: int = 2000,
         max_keys_per_node: int = MAX_KEYS_PER_NODE,
         key: str = "store",
     ) -> None:
         self._max_keys_per_node = max_keys_per_node
-        self._address, self.name = _describe_url(url, key)
-        try:
-            self._redis = redis.Redis.from_url(
-                url,
-                socket_timeout=timeout_s,
-                socket_connect_timeout=min(timeout_s, 1.0),
-                retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1),
-                decode_responses=False,
-            )
-        except ValueError as exc:
-            raise ConfigError(key, f"invalid Redis URL {url!r}: {exc}") from exc
-        self._prefix = prefix.encode()
+        self._wait_replicas = 0
+        timeouts = {
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": min(timeout_s, 1.0),
+            "decode_responses": False,
+        }
+        if url.startswith(CLUSTER_SCHEME + "://"):
+            nodes, credentials, self._wait_replicas = _cluster_nodes(url, key)
+            self._address = ",".join(f"{n.host}:{n.port}" for n in nodes)
+            self.name = f"{CLUSTER_SCHEME}://{self._address}/"
+            prefix = "{kvpeer}:" if prefix is None else prefix
+            if not _has_hash_tag(prefix):
+                raise ConfigError(
+                    key,
+                    f"prefix {prefix!r} has no {{hash tag}}: on a cluster every key must "
+                    "share one slot (e.g. '{kvpeer}:')",
+                )
+            try:
+                self._redis: Any = RedisCluster(
+                    startup_nodes=nodes,
+                    retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 3),
+                    **credentials,
+                    **timeouts,
+                )
+            except redis.RedisError as exc:
+                raise StoreUnavailableError(
+                    f"redis cluster at {self._address} unreachable: {exc}"
+                ) from exc
+        else:
+            self._address, self.name = _describe_url(url, key)
+            try:
+                self._redis = redis.Redis.from_url(
+                    url, retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1), **timeouts
+                )
+            except ValueError as exc:
+                raise ConfigError(key, f"invalid Redis URL {url!r}: {exc}") from exc
+        self._prefix = (prefix or "kvpeer:").encode()
         self._sweep_batch = sweep_batch
         register = self._redis.register_script
         self._join = register(_PRELUDE + _JOIN)
@@ -422,17 +501,34 @@ class RedisStore(DirectoryStore):
         """
         return len(keys).to_bytes(2, "big") + bytes(map(len, keys)) + b"".join(keys)
 
-    def _run(self, script: Any, *args: Any) -> Any:
+    def _run(self, script: Any, *args: Any, write: bool = False) -> Any:
+        """Run ``script``; a ``write`` waits for ``?wait=N`` replicas to have it."""
         try:
-            return script(args=(self._prefix, *args))
+            # KEYS[1] names the slot (a cluster routes the script there); ARGV[1] is P.
+            reply = script(keys=[self._prefix], args=(self._prefix, *args))
+            if write and self._wait_replicas:
+                self._replicated()
+            return reply
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise StoreUnavailableError(f"redis at {self._address} unreachable: {exc}") from exc
-        except redis.ResponseError as exc:
+        except redis.RedisError as exc:
             raise StoreUnavailableError(f"redis at {self._address} refused a call: {exc}") from exc
 
+    def _replicated(self) -> None:
+        """WAIT on the primary of the directory's slot; refuse if too few replicas have it."""
+        node = self._redis.get_node_from_key(self._prefix)
+        have = self._redis.execute_command(
+            "WAIT", self._wait_replicas, WAIT_TIMEOUT_MS, target_nodes=node
+        )
+        if int(have) < self._wait_replicas:
+            raise StoreUnavailableError(
+                f"redis at {self._address}: the write reached {have} of {self._wait_replicas} "
+                f"replicas within {WAIT_TIMEOUT_MS} ms (wait={self._wait_replicas})"
+            )
+
     def _checked(self, node_id: str, epoch: int, script: Any, *args: Any) -> list[Any]:
-        """Run a script that starts with check(node, epoch); raise its refusal."""
-        reply = self._run(script, node_id, str(epoch), *args)
+        """Run a write script that starts with check(node, epoch); raise its refusal."""
+        reply = self._run(script, node_id, str(epoch), *args, write=True)
         status = reply[0]
         if status == b"ok":
             return reply
@@ -451,7 +547,7 @@ class RedisStore(DirectoryStore):
     def join(self, node_id: str, endpoint: str, fingerprint: Fingerprint, ttl_s: float) -> int:
         fpb = fingerprint.to_proto().SerializeToString(deterministic=True)
         reply = self._run(
-            self._join, node_id, endpoint, fingerprint.digest, fpb, self._ttl_ms(ttl_s)
+            self._join, node_id, endpoint, fingerprint.digest, fpb, self._ttl_ms(ttl_s), write=True
         )
         return int(reply[1])
 

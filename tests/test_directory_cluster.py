@@ -1,0 +1,173 @@
+"""``kvpeer directory --store redis+cluster://...`` on a real local Redis Cluster.
+
+The cluster (tests/support/redis_cluster.py) is 3 primaries with a replica each,
+created with ``redis-cli --cluster create``; the directories are real ``kvpeer
+directory`` processes and the nodes real :class:`DirectoryClient`s. The primary
+that owns the directory's slot is SIGKILLed under traffic and its replica takes
+over.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from kvpeer.api.errors import ConfigError
+from kvpeer.client.directory import DirectoryClient
+from kvpeer.server.directory.stores import open_store
+from kvpeer.sim.directory import DirectoryProcess
+from kvpeer.v1 import directory_pb2 as pb
+from kvpeer.v1 import directory_pb2_grpc
+from tests.support.directory import FP_A, FP_B, RPC_TIMEOUT_S, keys, wait_until
+from tests.support.redis_cluster import RedisCluster
+
+#: Every key of the directory lives in this hash tag's slot.
+SLOT_KEY = b"{kvpeer}:"
+
+
+@pytest.fixture
+def cluster() -> Iterator[RedisCluster]:
+    with RedisCluster(replicas_each=1) as started:
+        yield started
+
+
+def stub(process: DirectoryProcess) -> directory_pb2_grpc.DirectoryStub:
+    return directory_pb2_grpc.DirectoryStub(grpc.insecure_channel(process.endpoint))
+
+
+def holders(s, ks: list[bytes], fp=FP_A) -> list[set[tuple[str, int]]]:
+    response = s.Locate(pb.LocateRequest(fingerprint=fp.digest, keys=ks), timeout=RPC_TIMEOUT_S)
+    nodes = [(n.node_id, n.epoch) for n in response.nodes]
+    return [{nodes[i] for i in row.nodes} for row in response.holders]
+
+
+def test_every_directory_call_works_on_a_redis_cluster(cluster: RedisCluster) -> None:
+    with (
+        DirectoryProcess(["--store", cluster.url, "--lease-ttl", "2"], metrics=False) as one,
+        DirectoryProcess(["--store", cluster.url, "--lease-ttl", "2"], metrics=False) as two,
+    ):
+        a, b = stub(one), stub(two)
+        join = pb.JoinRequest(node_id="n1", endpoint="n1.test:7601", fingerprint=FP_A.to_proto())
+        epoch = a.Join(join, timeout=RPC_TIMEOUT_S).epoch
+        other = pb.JoinRequest(node_id="n2", endpoint="n2.test:7601", fingerprint=FP_B.to_proto())
+        b.Join(other, timeout=RPC_TIMEOUT_S)
+        a.Publish(pb.PublishRequest(node_id="n1", epoch=epoch, keys=keys(4096)), timeout=10)
+        b.Withdraw(pb.WithdrawRequest(node_id="n1", epoch=epoch, keys=keys(1)), timeout=10)
+        found = holders(b, keys(5))
+        assert found == [set()] + [{("n1", epoch)}] * 4
+        assert holders(b, keys(2), FP_B) == [set(), set()]  # namespaces stay apart
+        scored = b.Score(pb.ScoreRequest(keys=keys(4096)[1:]), timeout=RPC_TIMEOUT_S).nodes
+        assert {(n.node_id, n.prefix_keys) for n in scored} == {("n1", 4095), ("n2", 0)}
+        listed = a.ListNodes(pb.ListNodesRequest(), timeout=RPC_TIMEOUT_S).nodes
+        assert sorted((n.node_id, n.keys) for n in listed) == [("n1", 4095), ("n2", 0)]
+        assert b.Stats(pb.StatsRequest(), timeout=RPC_TIMEOUT_S).keys == 4095
+        b.Heartbeat(pb.HeartbeatRequest(node_id="n1", epoch=epoch), timeout=RPC_TIMEOUT_S)
+        a.Leave(pb.LeaveRequest(node_id="n1", epoch=epoch), timeout=RPC_TIMEOUT_S)
+        assert holders(b, keys(2)) == [set(), set()]
+        # n2 stops heartbeating: its lease ends (Redis's clock) and every replica agrees.
+        wait_until(
+            lambda: not a.ListNodes(pb.ListNodesRequest(), timeout=RPC_TIMEOUT_S).nodes,
+            10,
+            "n2's lease to end",
+        )
+
+
+def test_killing_the_primary_loses_no_acknowledged_entry(cluster: RedisCluster) -> None:
+    """?wait=1: a publish is acknowledged once a replica has it; the replica takes over."""
+    store = f"{cluster.url}?wait=1"
+    with DirectoryProcess(["--store", store, "--lease-ttl", "30"], metrics=False) as directory:
+        holder = DirectoryClient(
+            directory.endpoint,
+            node_id="holder",
+            advertise="holder.test:7601",
+            fingerprint=FP_A,
+            rpc_timeout_s=1.0,
+        )
+        consumer = DirectoryClient(
+            directory.endpoint,
+            node_id="consumer",
+            advertise="consumer.test:7601",
+            fingerprint=FP_A,
+            rpc_timeout_s=1.0,
+            publish=False,
+            locate_backoff_s=0.1,
+        )
+        holder.start()
+        try:
+            acknowledged = keys(2000, "ack")
+            holder.publish(acknowledged)
+            assert holder.flush(20)  # every batch answered OK: on the primary and a replica
+            epoch = holder.epoch
+            stop = threading.Event()
+            slowest: list[float] = []
+
+            def locate_forever() -> None:
+                while not stop.is_set():
+                    started = time.monotonic()
+                    consumer.locate(acknowledged[:100])
+                    slowest.append(time.monotonic() - started)
+                    time.sleep(0.02)
+
+            reader = threading.Thread(target=locate_forever)
+            reader.start()
+            killed = cluster.kill_primary_of(SLOT_KEY)
+            assert cluster.primary_of(SLOT_KEY) != killed
+            wait_until(lambda: consumer.locate(acknowledged[:1]).ok, 20, "locates answer again")
+            stop.set()
+            reader.join(10)
+            assert max(slowest) < 1.5, "a locate hung while the primary failed over"
+
+            location = consumer.locate(acknowledged)
+            assert location.ok
+            lost = [k for k, row in zip(acknowledged, location.holders, strict=True) if not row]
+            assert not lost, f"{len(lost)} acknowledged entries lost with the primary"
+            assert {(h.node_id, h.epoch) for row in location.holders for h in row} == {
+                ("holder", epoch)
+            }
+            # The killed node comes back as the new primary's replica: writes are
+            # acknowledged again, with the same registration (no re-join).
+            cluster.restart(killed)
+            later = keys(50, "later")
+            holder.publish(later)
+            assert holder.flush(30)
+            assert all(consumer.locate(later).holders)
+            assert holder.epoch == epoch
+        finally:
+            holder.close()
+            consumer.close()
+
+
+def test_with_wait_a_write_no_replica_has_is_refused_not_acknowledged(
+    cluster: RedisCluster,
+) -> None:
+    store = f"{cluster.url}?wait=1"
+    with DirectoryProcess(["--store", store, "--lease-ttl", "30"], metrics=False) as directory:
+        s = stub(directory)
+        join = pb.JoinRequest(node_id="n1", endpoint="n1.test:7601", fingerprint=FP_A.to_proto())
+        epoch = s.Join(join, timeout=RPC_TIMEOUT_S).epoch
+        cluster.kill_replica_of(SLOT_KEY)
+        publish = pb.PublishRequest(node_id="n1", epoch=epoch, keys=keys(3))
+        with pytest.raises(grpc.RpcError) as refused:
+            s.Publish(publish, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # the node will retry
+        assert "reached 0 of 1 replicas" in refused.value.details()
+
+
+def test_cluster_urls_are_checked() -> None:
+    for url, words in (
+        ("redis+cluster://a:1,b/", "expected redis+cluster://host:port"),
+        ("redis+cluster://a:1/3", "only db 0"),
+        ("redis+cluster://a:1/?wait=x", "expected a number of replicas"),
+        ("redis+cluster://a:1/?sync=1", "unknown option"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            open_store(url)
+    with pytest.raises(ConfigError, match="hash tag"):
+        from kvpeer.server.directory.redis_store import RedisStore
+
+        RedisStore("redis+cluster://127.0.0.1:1/", prefix="kvpeer:")
