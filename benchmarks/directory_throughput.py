@@ -1,6 +1,12 @@
 """Directory throughput: Publish and Locate keys/s, memory store against Redis store.
 
     python benchmarks/directory_throughput.py [--redis redis://host:port/0] [--json FILE]
+    python benchmarks/directory_throughput.py --scaling [--json FILE]
+
+``--scaling`` instead runs :mod:`kvpeer.bench.directory_scaling`: 1, 2 and 4
+directory replicas on one private Redis and 4 on a private 3-primary Redis Cluster,
+driven by many concurrent simulated nodes, with aggregate publish keys/s and
+Locate p50/p99 for each.
 
 Runs ``kvpeer directory`` as a child process once per store (memory, then Redis:
 a private ``redis-server`` is started unless ``--redis`` names one), drives it
@@ -59,6 +65,25 @@ def _print_table(results: list[StoreResult], batch_sizes: list[int]) -> None:
         print(f"1,000-key Locate server time {names[1]}/{names[0]}: {ratio:.2f}")
 
 
+def _scaling(args: argparse.Namespace) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from kvpeer.bench.directory_scaling import format_scaling, run_scaling
+    from tests.support.redis_cluster import RedisCluster
+    from tests.support.redis_server import RedisServer
+
+    with ExitStack() as stack:
+        redis = stack.enter_context(RedisServer())
+        cluster = stack.enter_context(RedisCluster())
+        results = run_scaling(
+            (redis.url, [redis.pid]), (cluster.url, cluster.pids), seconds=args.seconds_scaling
+        )
+    print(format_scaling(results))
+    if args.json:
+        rows = [dict(r.__dict__) for r in results]
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--redis", metavar="URL", help="use this Redis instead of starting one")
@@ -67,7 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCH_SIZES))
     parser.add_argument("--locate-samples", type=int, default=200)
     parser.add_argument("--json", metavar="FILE", help="also write the results here")
+    parser.add_argument(
+        "--scaling", action="store_true", help="replicas on Redis and on a Redis Cluster"
+    )
+    parser.add_argument(
+        "--seconds-scaling", type=float, default=4.0, help="seconds per --scaling setup"
+    )
     args = parser.parse_args(argv)
+    if args.scaling:
+        return _scaling(args)
 
     print(
         f"one caller, calls back to back, ~{args.seconds:.1f} s per cell; "

@@ -186,3 +186,27 @@ def test_a_hung_replica_costs_at_most_one_deadline_then_is_skipped(
             assert health[silent]["calls"] == health[silent]["failures"] >= 1
         finally:
             client.close()
+
+
+def test_the_scaling_benchmark_drives_replicas_and_reports_each_setup() -> None:
+    """benchmarks/directory_throughput.py --scaling at a tiny size (numbers not asserted)."""
+    from kvpeer.bench.directory_scaling import format_scaling, measure
+
+    with RedisServer() as redis:
+        results = [
+            measure(
+                f"{n} on one Redis",
+                redis.url,
+                n,
+                store_pids=[redis.pid],
+                drivers=1,
+                nodes_per_driver=2,
+                seconds=1,
+            )
+            for n in (1, 2)
+        ]
+    for r in results:
+        assert r.publish_keys_per_s > 0 and r.locate_p99_ms >= r.locate_p50_ms > 0
+        assert r.directory_cpu_us_per_key > 0 and r.redis_cpu_us_per_key > 0
+    table = format_scaling(results)
+    assert "2 on one Redis" in table and "publish keys/s" in table

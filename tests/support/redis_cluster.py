@@ -58,6 +58,11 @@ class RedisCluster:
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
 
     @property
+    def pids(self) -> list[int]:
+        """The live nodes' process ids."""
+        return [proc.pid for proc in self._procs.values()]
+
+    @property
     def url(self) -> str:
         """The store URL a directory takes (every node given as a startup node)."""
         return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports) + "/"
