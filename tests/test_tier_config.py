@@ -47,6 +47,17 @@ def free_port() -> int:
     [
         ({"listen": "127.0.0.1:0", "lisen": "x"}, "lisen", "did you mean 'listen'"),
         ({"listen": "127.0.0.1:0", "directory": "kvdir"}, "directory", "missing ':port'"),
+        (
+            {"listen": "127.0.0.1:0", "directory": ["d1:7600", "d2"]},
+            "directory[1]",
+            "missing ':port'",
+        ),
+        (
+            {"listen": "127.0.0.1:0", "directory": "d1:7600,d1:7600"},
+            "directory",
+            "listed twice",
+        ),
+        ({"listen": "127.0.0.1:0", "directory": []}, "directory", "got none"),
         ({"listen": "127.0.0.1:0", "peers": ["a:1", "b:99999"]}, "peers[1]", "out of range"),
         ({"listen": "0.0.0.0:0"}, "advertise", "required when listen binds every interface"),
         ({"listen": "127.0.0.1:0", "pull_streams": 0}, "pull_streams", "outside"),
