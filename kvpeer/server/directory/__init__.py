@@ -5,7 +5,8 @@
   (its sweeper, ``/metrics``);
 - :mod:`.authz`: who may call what (identity binding, roles, namespace allow-lists);
 - :mod:`.store`: the contract every store keeps (epochs, fencing, namespaces, errors);
-- :mod:`.memory_store` and :mod:`.redis_store`: the two stores;
+- :mod:`.memory_store` and :mod:`.redis_store`: the two stores (the Redis one's Lua
+  scripts in :mod:`.redis_scripts`);
 - :mod:`.stores`: the store a ``--store`` spec names;
 - :mod:`.scoring`: Score's key rule and response (the scoring is each store's).
 
