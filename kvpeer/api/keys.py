@@ -241,15 +241,15 @@ class KeySpec:
         cache_salt: str | None,
         lora: tuple[str, str] | None,
         max_blocks: int | None,
-    ) -> tuple[list[int], int, Any, Any]:
-        """The token list, the number of full hash blocks, block 0's and the others' extra keys."""
+    ) -> tuple[int, Any, Any]:
+        """The number of full hash blocks, block 0's and the other blocks' extra keys."""
         count = len(tokens) // self.hash_block_size  # type: ignore[operator]
         if max_blocks is not None:
             count = min(count, max_blocks)
         lora_keys = [("lora", lora[0], lora[1])] if lora else []
         every = tuple(lora_keys) or None
         first = tuple(lora_keys + ([("cache_salt", cache_salt)] if cache_salt else [])) or None
-        return (tokens if isinstance(tokens, list) else list(tokens)), count, first, every
+        return count, first, every
 
     def _chain(
         self,
@@ -259,7 +259,7 @@ class KeySpec:
         max_blocks: int | None,
     ) -> list[bytes]:
         """The chained hashes, each computed (no cache)."""
-        tokens, count, first, every = self._setup(tokens, cache_salt, lora, max_blocks)
+        count, first, every = self._setup(tokens, cache_salt, lora, max_blocks)
         size: int = self.hash_block_size  # type: ignore[assignment]
         serialise, digest = self._serialise, self._digest  # type: ignore[attr-defined]
         parent = self._none_hash  # type: ignore[attr-defined]
@@ -280,7 +280,7 @@ class KeySpec:
         cache: HashCache,
     ) -> list[tuple[bytes, bytes]]:
         """``(block hash, chunk key)`` of each full hash block, through ``cache``."""
-        tokens, count, first, every = self._setup(tokens, cache_salt, lora, max_blocks)
+        count, first, every = self._setup(tokens, cache_salt, lora, max_blocks)
         size: int = self.hash_block_size  # type: ignore[assignment]
         serialise, digest = self._serialise, self._digest  # type: ignore[attr-defined]
         group = self._group  # type: ignore[attr-defined]

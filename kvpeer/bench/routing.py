@@ -24,7 +24,6 @@ import contextlib
 import json
 import random
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -35,6 +34,7 @@ from typing import Any
 from kvpeer.api.fingerprint import Fingerprint
 from kvpeer.api.keys import KeySpec
 from kvpeer.api.limits import MAX_KEYS_PER_CALL
+from kvpeer.bench.tier import free_port
 from kvpeer.proxy.routing import RoutePolicy, Router, parse_node_ref
 from kvpeer.sim.directory import DirectoryProcess
 from kvpeer.sim.node import NodeProcess, NodeSpec
@@ -191,12 +191,6 @@ def run_policy(
     return result
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def long_prompt_overhead(store: str, *, repeat: int = 200) -> dict[str, float]:
     """Routing overhead of a 4,096-chunk prompt held by one of 4 nodes (warm key cache)."""
     spec = KeySpec(BLOCK, seed=SEED)
@@ -209,7 +203,7 @@ def long_prompt_overhead(store: str, *, repeat: int = 200) -> dict[str, float]:
             redis_bin = shutil.which("redis-server")
             if redis_bin is None:
                 return {}
-            port = _free_port()
+            port = free_port("127.0.0.1")
             tmp = stack.enter_context(tempfile.TemporaryDirectory())
             redis = subprocess.Popen(
                 [redis_bin, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", tmp],

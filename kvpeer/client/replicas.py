@@ -144,9 +144,7 @@ class DirectoryReplicas:
             except grpc.RpcError as exc:
                 self._failed(replica, exc)
             else:
-                with self._lock:
-                    replica.calls += 1
-                    replica.down_until = replica.down_for_s = 0.0
+                self._answered(replica, current=False)
 
     def call(
         self,
@@ -201,12 +199,14 @@ class DirectoryReplicas:
         for replica in self.replicas:
             replica.channel.close()
 
-    def _answered(self, replica: Replica) -> None:
+    def _answered(self, replica: Replica, *, current: bool = True) -> None:
+        """``replica`` answered: healthy again; with ``current``, sticky calls go to it."""
         with self._lock:
             replica.calls += 1
             replica.down_until = 0.0
             replica.down_for_s = 0.0
-            self._current = self.replicas.index(replica)
+            if current:
+                self._current = self.replicas.index(replica)
 
     def _failed(self, replica: Replica, exc: grpc.RpcError) -> None:
         details = exc.details() if isinstance(exc, grpc.Call) else str(exc)

@@ -18,7 +18,7 @@ import grpc
 
 from kvpeer.api.limits import MAX_KEYS_PER_CALL
 from kvpeer.api.security import Security
-from kvpeer.client.replicas import parse_directory_endpoints
+from kvpeer.client.replicas import FAILOVER_CODES, parse_directory_endpoints
 from kvpeer.v1 import directory_pb2 as pb
 from kvpeer.v1 import directory_pb2_grpc
 
@@ -116,11 +116,11 @@ class ScoreClient:
                 break
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
-                reason = _REASONS.get(code, "refused")
                 error = ScoreError(
-                    reason, f"directory at {self.targets[index]}: {code.name}: {exc.details()}"
+                    _REASONS.get(code, "refused"),
+                    f"directory at {self.targets[index]}: {code.name}: {exc.details()}",
                 )
-                if reason not in ("timeout", "unavailable"):
+                if code not in FAILOVER_CODES:
                     raise error from None
                 self._down_until[index] = time.monotonic() + _DOWN_S
         else:

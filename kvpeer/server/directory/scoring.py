@@ -1,8 +1,8 @@
-"""Directory.Score's wire side: the one-length rule for its keys and the response message.
+"""Directory.Score's response message.
 
 The scoring itself is each store's :meth:`~kvpeer.server.directory.store.DirectoryStore.score`;
-the servicer (:mod:`.service`) validates, calls the store and answers with
-:func:`score_response`.
+the servicer (:mod:`.service`) validates (``check_keys(..., one_length=True)``),
+calls the store and answers with :func:`score_response`.
 """
 
 from __future__ import annotations
@@ -11,20 +11,6 @@ from collections.abc import Callable, Sequence
 
 from kvpeer.server.directory.store import ScoredNode
 from kvpeer.v1 import directory_pb2 as pb
-
-
-def mixed_lengths(keys: Sequence[bytes]) -> str | None:
-    """Why ``keys`` are not one request's chunk keys (they share one length), or None."""
-    if len(set(map(len, keys))) == 1:
-        return None
-    first = len(keys[0])
-    for index, size in enumerate(map(len, keys)):
-        if size != first:
-            return (
-                f"key {index} has {size} bytes but key 0 has {first}: a Score's keys are "
-                "one request's chunk keys and share one length"
-            )
-    return None
 
 
 def score_response(

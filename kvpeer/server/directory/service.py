@@ -48,7 +48,7 @@ from kvpeer.api.limits import MAX_KEYS_PER_CALL, status_details
 from kvpeer.api.security import Security
 from kvpeer.server.directory.authz import Denied, DirectoryAuthz, NamespaceAllowList
 from kvpeer.server.directory.memory_store import MemoryStore
-from kvpeer.server.directory.scoring import mixed_lengths, score_response
+from kvpeer.server.directory.scoring import score_response
 from kvpeer.server.directory.store import (
     MAX_NODE_ID_CHARS,
     DirectoryStore,
@@ -120,8 +120,8 @@ def _check_digest(field: str, value: str, *, optional: bool = False) -> None:
         )
 
 
-def _check_batch(keys: Sequence[bytes]) -> None:
-    problem = check_keys(keys)
+def _check_batch(keys: Sequence[bytes], *, one_length: bool = False) -> None:
+    problem = check_keys(keys, one_length=one_length)
     if problem is not None:
         code = (
             grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -352,10 +352,7 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServicer):
     def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
         _check_digest("fingerprint", request.fingerprint, optional=True)
         keys = list(request.keys)  # each read of request.keys makes new bytes objects
-        _check_batch(keys)
-        problem = mixed_lengths(keys)
-        if problem is not None:
-            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        _check_batch(keys, one_length=True)
         scored = self.store.score(request.fingerprint or None, keys)
         caller = self.authz.principal(context)  # namespaces it may see, epochs it may use
         scored = [n for n in scored if self.authz.sees_namespace(caller, n.fingerprint)]

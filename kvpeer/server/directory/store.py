@@ -86,10 +86,12 @@ class StoreUnavailableError(StoreError):
     """The store's backend (e.g. Redis) cannot be reached; the call may be retried."""
 
 
-def check_keys(keys: Sequence[bytes]) -> str | None:
+def check_keys(keys: Sequence[bytes], *, one_length: bool = False) -> str | None:
     """Why ``keys`` is not a valid batch (count and sizes), or None when it is.
 
-    Used by the servicer before calling a store and by the client before sending.
+    ``one_length``: the keys must also share one length (a Score's keys are one
+    request's chunk keys). Used by the servicer before calling a store and by the
+    client before sending.
     """
     if not keys:
         return "no keys: send 1 to 4096 keys per call"
@@ -101,6 +103,13 @@ def check_keys(keys: Sequence[bytes]) -> str | None:
             (i, len(k)) for i, k in enumerate(keys) if not 1 <= len(k) <= MAX_KEY_BYTES
         )
         return f"key {index} has {size} bytes; keys must have 1 to {MAX_KEY_BYTES} bytes"
+    if one_length and len(sizes) > 1:
+        first = len(keys[0])
+        index, size = next((i, len(k)) for i, k in enumerate(keys) if len(k) != first)
+        return (
+            f"key {index} has {size} bytes but key 0 has {first}: a Score's keys are "
+            "one request's chunk keys and share one length"
+        )
     return None
 
 
