@@ -20,7 +20,12 @@ from kvpeer.api.security import Security
 from kvpeer.server.directory.memory_store import MemoryStore
 from kvpeer.server.directory.redis_store import RedisStore
 from kvpeer.server.directory.service import DirectoryServer
-from kvpeer.server.directory.store import DirectoryStore, NamespaceStats
+from kvpeer.server.directory.store import (
+    DirectoryStore,
+    MisconfiguredStoreError,
+    NamespaceStats,
+    StoreUnavailableError,
+)
 from kvpeer.server.directory.stores import open_store
 from kvpeer.v1 import directory_pb2 as pb
 from kvpeer.v1 import directory_pb2_grpc
@@ -35,6 +40,7 @@ from tests.support.directory import (
     locate,
     make_directory,
     publish,
+    refused_at_start,
     rpc_error,
     wait_until,
 )
@@ -326,8 +332,8 @@ def test_sweep_frees_entries_of_ended_registrations(kind: str) -> None:
             client = stack.enter_context(redis.client())
             # Only e2's 100 entries are left in the namespace's hash.
             assert client.hlen(f"kvpeer:k:{FP_A.digest}") == 100
-            # That hash, e2's key set, registration, node, lease and epoch keys.
-            assert client.dbsize() == 6
+            # That hash, e2's key set, registration, node, lease, epoch and layout keys.
+            assert client.dbsize() == 7
 
 
 def test_server_sweeps_redis_automatically(make_directory) -> None:
@@ -440,6 +446,43 @@ def test_epochs_grow_across_fresh_stores(kind: str) -> None:
         redis.stop()
         redis.start()
         assert RedisStore(redis.url).join("a", "a:1", FP_A, 5.0) > first
+
+
+def test_a_replica_on_another_database_is_refused_at_start() -> None:
+    """db 0 holds the directory; a replica pointed at db 1 would be a silent split brain."""
+    with RedisServer() as redis:
+        RedisStore(redis.url).close()  # the directory, in db 0
+        wrong = redis.url.replace("/0", "/1")
+        with pytest.raises(ConfigError, match="but database 0 of the same server holds one"):
+            RedisStore(wrong)
+        stderr = refused_at_start("--store", wrong)
+        assert "--store: redis://127.0.0.1" in stderr
+        assert "point every replica at the same database" in stderr
+        RedisStore(wrong, prefix="other:").close()  # another prefix: another directory
+        # The escape hatch the message names: a separate directory in db 1 on purpose.
+        one = redis.client()
+        one.select(1)
+        one.set("kvpeer:layout", "kvpeer-directory/1 shards=1 id=separate")
+        RedisStore(wrong).join("a", "a:1", FP_A, 5.0)
+        one.set("kvpeer:layout", "something else")
+        with pytest.raises(ConfigError, match="not a kvpeer-directory/1 layout"):
+            RedisStore(wrong)
+
+
+def test_a_check_a_down_redis_postponed_refuses_calls_once_it_is_up() -> None:
+    with RedisServer(appendonly=True) as redis:
+        RedisStore(redis.url).close()  # the directory, in db 0
+        redis.stop()
+        store = RedisStore(redis.url.replace("/0", "/1"))  # Redis down: checked later
+        with pytest.raises(StoreUnavailableError, match="unreachable"):
+            store.join("a", "a:1", FP_A, 5.0)
+        redis.start()
+        with pytest.raises(MisconfiguredStoreError, match="database 0 of the same server"):
+            store.join("a", "a:1", FP_A, 5.0)
+        assert redis.client().exists("kvpeer:layout")  # db 0's marker; db 1 stays empty
+        one = redis.client()
+        one.select(1)
+        assert one.dbsize() == 0
 
 
 def test_server_rejects_bad_options() -> None:

@@ -2,9 +2,9 @@
 
 The cluster (tests/support/redis_cluster.py) is 3 primaries with a replica each,
 created with ``redis-cli --cluster create``; the directories are real ``kvpeer
-directory`` processes and the nodes real :class:`DirectoryClient`s. The primary
-that owns the directory's slot is SIGKILLed under traffic and its replica takes
-over.
+directory`` processes and the nodes real :class:`DirectoryClient`s. The directory
+has a shard per primary; the primary that owns a node's shard is SIGKILLed under
+traffic and its replica takes over.
 """
 
 from __future__ import annotations
@@ -19,15 +19,31 @@ import pytest
 
 from kvpeer.api.errors import ConfigError
 from kvpeer.client.directory import DirectoryClient
+from kvpeer.server.directory import redis_layout
+from kvpeer.server.directory.redis_store import RedisStore
 from kvpeer.server.directory.stores import open_store
 from kvpeer.sim.directory import DirectoryProcess
 from kvpeer.v1 import directory_pb2 as pb
 from kvpeer.v1 import directory_pb2_grpc
-from tests.support.directory import FP_A, FP_B, RPC_TIMEOUT_S, keys, wait_until
+from tests.support.directory import (
+    FP_A,
+    FP_B,
+    RPC_TIMEOUT_S,
+    keys,
+    refused_at_start,
+    wait_until,
+)
 from tests.support.redis_cluster import RedisCluster
 
-#: Every key of the directory lives in this hash tag's slot.
-SLOT_KEY = b"{kvpeer}:"
+#: The control prefix; each shard's prefix carries its own hash tag.
+CONTROL = b"{kvpeer}:"
+SHARDS = 3  # one per primary
+
+
+def shard_key(node_id: str) -> bytes:
+    """The prefix of the shard that holds ``node_id``: its slot's primary takes its writes."""
+    prefixes = redis_layout.shard_prefixes(CONTROL, SHARDS, cluster=True)
+    return prefixes[redis_layout.shard_of(node_id, SHARDS)]
 
 
 @pytest.fixture
@@ -115,8 +131,8 @@ def test_killing_the_primary_loses_no_acknowledged_entry(cluster: RedisCluster) 
 
             reader = threading.Thread(target=locate_forever)
             reader.start()
-            killed = cluster.kill_primary_of(SLOT_KEY)
-            assert cluster.primary_of(SLOT_KEY) != killed
+            killed = cluster.kill_primary_of(shard_key("holder"))
+            assert cluster.primary_of(shard_key("holder")) != killed
             wait_until(lambda: consumer.locate(acknowledged[:1]).ok, 20, "locates answer again")
             stop.set()
             reader.join(10)
@@ -150,7 +166,7 @@ def test_with_wait_a_write_no_replica_has_is_refused_not_acknowledged(
         s = stub(directory)
         join = pb.JoinRequest(node_id="n1", endpoint="n1.test:7601", fingerprint=FP_A.to_proto())
         epoch = s.Join(join, timeout=RPC_TIMEOUT_S).epoch
-        cluster.kill_replica_of(SLOT_KEY)
+        cluster.kill_replica_of(shard_key("n1"))
         publish = pb.PublishRequest(node_id="n1", epoch=epoch, keys=keys(3))
         with pytest.raises(grpc.RpcError) as refused:
             s.Publish(publish, timeout=10)
@@ -164,10 +180,81 @@ def test_cluster_urls_are_checked() -> None:
         ("redis+cluster://a:1/3", "only db 0"),
         ("redis+cluster://a:1/?wait=x", "expected a number of replicas"),
         ("redis+cluster://a:1/?sync=1", "unknown option"),
+        ("redis+cluster://a:1/?shards=0", "shards=0 in"),
+        ("redis+cluster://a:1/?shards=two", "expected a number of shards"),
     ):
         with pytest.raises(ConfigError, match=re.escape(words)):
             open_store(url)
     with pytest.raises(ConfigError, match="hash tag"):
-        from kvpeer.server.directory.redis_store import RedisStore
-
         RedisStore("redis+cluster://127.0.0.1:1/", prefix="kvpeer:")
+
+
+def test_writes_spread_over_the_primaries(cluster: RedisCluster) -> None:
+    """A shard per primary: each primary takes the writes of the nodes in its shard only,
+    and reads merge the shards."""
+    store = RedisStore(cluster.url)
+    try:
+        assert store.shards == SHARDS
+        prefixes = redis_layout.shard_prefixes(CONTROL, SHARDS, cluster=True)
+        assert len({cluster.primary_of(prefix) for prefix in prefixes}) == SHARDS
+        shared = keys(1, "shared")
+        epochs = {}
+        for i in range(30):
+            node = f"node-{i}"
+            epochs[node] = store.join(node, f"{node}.test:7601", FP_A, 30.0)
+            store.publish(node, epochs[node], [*keys(10, node), *shared])
+        entries = [
+            cluster.client_of(prefix).hlen(prefix + f"k:{FP_A.digest}".encode())
+            for prefix in prefixes
+        ]
+        assert sum(entries) == 30 * 10 + SHARDS  # the shared key once per shard
+        assert min(entries) >= 50, entries  # 30 nodes: no primary left idle
+        located = store.locate(FP_A.digest, [*shared, *keys(2, "node-7")], "node-3")
+        holders = [{located.nodes[i].node_id for i in row} for row in located.holders]
+        assert holders == [set(epochs) - {"node-3"}, {"node-7"}, {"node-7"}]
+        scored = store.score(FP_A.digest, keys(10, "node-7"))
+        assert (scored[0].node_id, scored[0].prefix_keys) == ("node-7", 10)
+        assert {n.node_id for n in store.list_nodes()} == set(epochs)
+        assert sum(s.keys for s in store.stats()) == 30 * 11
+    finally:
+        store.close()
+
+
+def test_replicas_of_one_directory_must_agree_on_its_shards(cluster: RedisCluster) -> None:
+    RedisStore(cluster.url).close()  # creates the directory: 3 shards, one per primary
+    RedisStore(f"{cluster.url}?shards=3").close()
+    with pytest.raises(ConfigError, match=r"has shards=3, this replica asks for shards=2"):
+        RedisStore(f"{cluster.url}?shards=2")
+    stderr = refused_at_start("--store", f"{cluster.url}?shards=4")
+    assert "--store: the directory in redis+cluster://" in stderr
+
+
+def test_concurrent_joins_of_one_node_leave_the_last_one_current(cluster: RedisCluster) -> None:
+    """Two replicas join the same node id at once: the highest epoch wins, in every shard."""
+    stores = [RedisStore(cluster.url), RedisStore(cluster.url)]
+    try:
+        epochs: list[int] = []
+
+        def join(store: RedisStore) -> None:
+            for _ in range(20):
+                epochs.append(store.join("twin", "twin.test:7601", FP_A, 30.0))
+
+        threads = [threading.Thread(target=join, args=(s,)) for s in stores]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        listed = stores[0].list_nodes()
+        assert [(r.node_id, r.epoch) for r in listed] == [("twin", max(epochs))]
+        assert len(set(epochs)) == 40
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_a_cluster_with_an_uncovered_slot_is_refused_at_start() -> None:
+    with RedisCluster() as cluster:
+        cluster.uncover_slot(1234)
+        with pytest.raises(ConfigError, match=r"covers 16383 of 16384 hash slots"):
+            RedisStore(cluster.url)
+        assert "redis-cli --cluster fix" in refused_at_start("--store", cluster.url)

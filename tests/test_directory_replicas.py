@@ -210,3 +210,71 @@ def test_the_scaling_benchmark_drives_replicas_and_reports_each_setup() -> None:
         assert r.directory_cpu_us_per_key > 0 and r.redis_cpu_us_per_key > 0
     table = format_scaling(results)
     assert "2 on one Redis" in table and "publish keys/s" in table
+
+
+def test_a_replica_on_another_store_is_split_off_at_start(caplog) -> None:
+    """One of three replicas points at another Redis: nodes never register or locate there."""
+    with RedisServer() as right, RedisServer() as wrong:
+        started = [
+            DirectoryProcess(["--store", url, "--lease-ttl", "30"], metrics=False)
+            for url in (right.url, wrong.url, right.url)
+        ]
+        a, b, c = started
+        endpoints = [p.endpoint for p in started]
+        holder = DirectoryClient(
+            endpoints, node_id="holder", advertise="holder.test:7601", fingerprint=FP_A
+        )
+        consumer = DirectoryClient(
+            endpoints,
+            node_id="consumer",
+            advertise="consumer.test:7601",
+            fingerprint=FP_A,
+            publish=False,
+        )
+        try:
+            with caplog.at_level("ERROR", logger="kvpeer.client.replicas"):
+                holder.start()
+                held = keys(20)
+                holder.publish(held)
+                assert holder.flush(20)
+                wait_until(lambda: holder.replica_health()[b.endpoint]["split"], 10, "b split")
+            assert [r.getMessage() for r in caplog.records if b.endpoint in r.getMessage()]
+            assert "must use the same --store" in caplog.text
+            health = holder.replica_health()
+            assert not health[a.endpoint]["split"] and not health[c.endpoint]["split"]
+            # The node registered in the directory's store only, never in the other one.
+            assert not stub(b).ListNodes(pb.ListNodesRequest(), timeout=RPC_TIMEOUT_S).nodes
+            assert [n.node_id for n in stub(c).ListNodes(pb.ListNodesRequest()).nodes] == ["holder"]
+            # Locates rotate over the replicas; none is answered from the other store.
+            for _ in range(12):
+                location = consumer.locate(held)
+                assert location.ok and all(location.holders)
+            assert consumer.replica_health()[b.endpoint]["split"]
+        finally:
+            holder.close()
+            consumer.close()
+            for process in started:
+                process.close()
+
+
+def test_replicas_agree_on_the_store_again_after_redis_comes_back_empty() -> None:
+    """Redis restarts without persistence: running replicas write their marker back, a
+    replica started since follows the same id, and nodes go on using all of them."""
+    with RedisServer() as redis:
+        args = ["--store", redis.url, "--lease-ttl", "30"]
+        started = [DirectoryProcess(args, metrics=False) for _ in range(2)]
+        try:
+
+            def ids() -> set[str]:
+                return {stub(p).Stats(pb.StatsRequest(), timeout=5).store_id for p in started}
+
+            (before,) = ids()
+            redis.stop()
+            redis.start()  # empty: the layout marker is gone
+            started.append(DirectoryProcess(args, metrics=False))
+            wait_until(lambda: len(ids()) == 1, 10, "one store id on every replica")
+            assert redis.client().get("kvpeer:layout").endswith(next(iter(ids())).encode())
+            assert before
+        finally:
+            for process in started:
+                process.close()

@@ -21,7 +21,7 @@ from kvpeer.api.errors import ConfigError
 from kvpeer.api.security import Security
 from kvpeer.server.directory.authz import NamespaceAllowList
 from kvpeer.server.directory.service import DirectoryServer, check_lease_ttl
-from kvpeer.server.directory.store import StoreError
+from kvpeer.server.directory.store import MisconfiguredStoreError, StoreError
 from kvpeer.server.directory.stores import open_store
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,10 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, lambda *_: cert_reload.reload_now())
     try:
         server.store.stats()
+    except MisconfiguredStoreError as exc:
+        print(f"kvpeer directory: error: {exc}", file=sys.stderr)
+        server.stop(grace=0)
+        return 2
     except StoreError as exc:
         log.warning("%s: serving anyway; calls fail with UNAVAILABLE until it is back", exc)
     metrics = f", metrics :{server.metrics_port}" if server.metrics_port is not None else ""

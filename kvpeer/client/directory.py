@@ -501,6 +501,7 @@ class DirectoryClient:
             self._lease_s,
             len(self._held),
         )
+        self._replicas.check_stores(response.store_id, self._rpc_timeout)  # a split replica?
 
     def _heartbeat(self) -> None:
         with self._cond:

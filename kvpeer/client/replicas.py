@@ -18,13 +18,22 @@ client lists them all and :class:`DirectoryReplicas` decides which one to ask:
   the same from every replica: it is returned, not failed over.
 
 Replicas of memory-store directories do not share state; list several only for
-directories on the same Redis.
+directories on the same Redis. Answers carry the id of the store the replica
+serves (Join, Locate, Stats). The store the node's last join went to is the
+directory's; a replica that answers with another id is *split* (pointed at another
+Redis, another database, or a memory store): it is logged as an error and not asked
+again, so a node never registers in, or locates from, two directories at once.
+:meth:`DirectoryReplicas.check_stores`, run after each join, asks every replica for
+its id: a misconfigured replica shows at start rather than at the first failover,
+and one that agrees again (a store re-created after a wipe) is used again. With one
+replica there is nothing to compare: its id may change (a memory store restarts).
 
 Thread-safe: one lock guards the health figures, never held across an RPC.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +47,8 @@ from kvpeer.api.errors import ConfigError
 from kvpeer.api.security import Security
 from kvpeer.v1 import directory_pb2 as pb
 from kvpeer.v1 import directory_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 #: Statuses that mean "this replica could not answer": another one may.
 FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
@@ -56,6 +67,17 @@ class Replica:
     calls: int = 0
     failures: int = 0
     last_error: str | None = field(default=None, repr=False)
+    #: The id of the store it serves, once an answer carried one.
+    store_id: str = ""
+    #: It serves another store than the directory's: never asked again.
+    split: bool = False
+
+
+class OtherStoreError(grpc.RpcError):
+    """Every replica that answered serves another store than the directory's."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "replicas serve another store"
 
 
 def parse_directory_endpoints(raw: Any, key: str = "directory") -> tuple[str, ...]:
@@ -110,6 +132,7 @@ class DirectoryReplicas:
         self._lock = threading.Lock()
         self._current = 0
         self._turn = 0
+        self._store_id: str | None = None
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -124,7 +147,7 @@ class DirectoryReplicas:
             else:
                 start = self._turn
                 self._turn = (self._turn + 1) % len(self.replicas)
-            turn = self.replicas[start:] + self.replicas[:start]
+            turn = [r for r in self.replicas[start:] + self.replicas[:start] if not r.split]
             healthy = [r for r in turn if not r.down_for_s]
             recovering = [r for r in turn if r.down_for_s and r.down_until <= now]
             down = sorted((r for r in turn if r.down_until > now), key=lambda r: r.down_until)
@@ -145,6 +168,27 @@ class DirectoryReplicas:
                 self._failed(replica, exc)
             else:
                 self._answered(replica, current=False)
+
+    def check_stores(self, store_id: str, timeout_s: float) -> None:
+        """Make ``store_id`` (the last join's) the directory's; ask every other replica.
+
+        For the background thread, after a join (it blocks up to ``timeout_s`` per
+        replica). Replicas that serve another store are split; ones that serve this
+        one (again) are not.
+        """
+        if len(self.replicas) < 2 or not store_id:
+            return
+        with self._lock:
+            self._store_id = store_id
+            due = [r for r in self.replicas if r.store_id != store_id]
+        for replica in due:
+            try:
+                response = replica.stub.Stats(pb.StatsRequest(), timeout=timeout_s)
+            except grpc.RpcError as exc:
+                self._failed(replica, exc)
+            else:
+                if self._same_store(replica, response):
+                    self._answered(replica, current=False)
 
     def call(
         self,
@@ -177,9 +221,15 @@ class DirectoryReplicas:
                 self._failed(replica, exc)
                 error = exc
                 continue
+            if method != "Join" and not self._same_store(replica, response):
+                continue  # a join defines the directory: see check_stores
             self._answered(replica)
             return response
-        assert error is not None
+        if error is None:
+            raise OtherStoreError(
+                f"directory replicas {', '.join(self.targets)}: each that answered serves "
+                "another store than the first one did: see the error logged above"
+            )
         raise error
 
     def health(self) -> dict[str, dict[str, Any]]:
@@ -191,6 +241,7 @@ class DirectoryReplicas:
                     "calls": r.calls,
                     "failures": r.failures,
                     "last_error": r.last_error,
+                    "split": r.split,
                 }
                 for r in self.replicas
             }
@@ -198,6 +249,34 @@ class DirectoryReplicas:
     def close(self) -> None:
         for replica in self.replicas:
             replica.channel.close()
+
+    def _same_store(self, replica: Replica, response: Any) -> bool:
+        """Whether ``replica``'s answer comes from the directory's store; split it if not."""
+        store_id = getattr(response, "store_id", "")
+        if not store_id or len(self.replicas) < 2:
+            return True  # an older directory or Redis down at its start; nothing to compare
+        with self._lock:
+            replica.store_id = store_id
+            if self._store_id is None:
+                self._store_id = store_id
+            if store_id == self._store_id:
+                replica.split = False
+                return True
+            newly = not replica.split
+            replica.split = True
+            agreeing = [r.target for r in self.replicas if r.store_id == self._store_id]
+        if newly:
+            log.error(
+                "directory replica %s serves another store (id %s) than %s (id %s): the "
+                "replicas of one directory must use the same --store (the same Redis "
+                "database; a memory store is never shared); not using %s",
+                replica.target,
+                store_id,
+                ", ".join(agreeing),
+                self._store_id,
+                replica.target,
+            )
+        return False
 
     def _answered(self, replica: Replica, *, current: bool = True) -> None:
         """``replica`` answered: healthy again; with ``current``, sticky calls go to it."""

@@ -18,12 +18,14 @@ class JoinRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., fingerprint: _Optional[_Union[_fingerprint_pb2.Fingerprint, _Mapping]] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("epoch", "lease_ttl_ms")
+    __slots__ = ("epoch", "lease_ttl_ms", "store_id")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LEASE_TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     lease_ttl_ms: int
-    def __init__(self, epoch: _Optional[int] = ..., lease_ttl_ms: _Optional[int] = ...) -> None: ...
+    store_id: str
+    def __init__(self, epoch: _Optional[int] = ..., lease_ttl_ms: _Optional[int] = ..., store_id: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("node_id", "epoch", "load")
@@ -110,12 +112,14 @@ class KeyHolders(_message.Message):
     def __init__(self, nodes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LocateResponse(_message.Message):
-    __slots__ = ("nodes", "holders")
+    __slots__ = ("nodes", "holders", "store_id")
     NODES_FIELD_NUMBER: _ClassVar[int]
     HOLDERS_FIELD_NUMBER: _ClassVar[int]
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeRef]
     holders: _containers.RepeatedCompositeFieldContainer[KeyHolders]
-    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeRef, _Mapping]]] = ..., holders: _Optional[_Iterable[_Union[KeyHolders, _Mapping]]] = ...) -> None: ...
+    store_id: str
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeRef, _Mapping]]] = ..., holders: _Optional[_Iterable[_Union[KeyHolders, _Mapping]]] = ..., store_id: _Optional[str] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("node_id", "epoch")
@@ -172,16 +176,18 @@ class FingerprintStats(_message.Message):
     def __init__(self, fingerprint: _Optional[str] = ..., nodes: _Optional[int] = ..., keys: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("nodes", "keys", "fingerprints", "store")
+    __slots__ = ("nodes", "keys", "fingerprints", "store", "store_id")
     NODES_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINTS_FIELD_NUMBER: _ClassVar[int]
     STORE_FIELD_NUMBER: _ClassVar[int]
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
     nodes: int
     keys: int
     fingerprints: _containers.RepeatedCompositeFieldContainer[FingerprintStats]
     store: str
-    def __init__(self, nodes: _Optional[int] = ..., keys: _Optional[int] = ..., fingerprints: _Optional[_Iterable[_Union[FingerprintStats, _Mapping]]] = ..., store: _Optional[str] = ...) -> None: ...
+    store_id: str
+    def __init__(self, nodes: _Optional[int] = ..., keys: _Optional[int] = ..., fingerprints: _Optional[_Iterable[_Union[FingerprintStats, _Mapping]]] = ..., store: _Optional[str] = ..., store_id: _Optional[str] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("fingerprint", "keys")

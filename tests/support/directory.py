@@ -10,6 +10,8 @@ the same Redis data for redis — as a directory process restart would.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -43,6 +45,20 @@ def wait_until(predicate: Callable[[], object], timeout_s: float = 20.0, what: s
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_s} s waiting for {what or predicate}")
         time.sleep(0.02)
+
+
+def refused_at_start(*flags: str) -> str:
+    """Run ``kvpeer directory FLAGS``, expect it to exit 2 without a traceback; its stderr."""
+    result = subprocess.run(
+        [sys.executable, "-m", "kvpeer", "directory", *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    return result.stderr
 
 
 class DirectoryHarness:

@@ -68,9 +68,16 @@ class RedisCluster:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports) + "/"
 
     def start(self) -> RedisCluster:
-        for port in self.ports:
-            (self._dir / str(port)).mkdir()
-            self._spawn(port)
+        for i in range(len(self.ports)):
+            for _ in range(3):  # a port another process took since it was picked
+                port = self.ports[i]
+                (self._dir / str(port)).mkdir()
+                if self._spawn(port):
+                    break
+                taken = {*self.ports, *(p + 10000 for p in self.ports)}
+                self.ports[i] = _free_cluster_port(taken)
+            else:
+                raise RuntimeError(f"redis cluster: no node started; see {self._dir}/*/log")
         subprocess.run(
             [
                 REDIS_CLI,
@@ -117,9 +124,33 @@ class RedisCluster:
                 return port
         raise AssertionError(f"the primary on {primary} has no replica")
 
+    def client_of(self, key: bytes | str) -> redis.Redis:
+        """A plain client of the primary that owns ``key``'s slot."""
+        return self._client(self.primary_of(key))
+
+    def flush(self) -> None:
+        """Empty every primary (FLUSHALL), e.g. between two directory layouts."""
+        for port in self._live():
+            if self._client(port).info("replication")["role"] == "master":
+                self._client(port).flushall()
+
+    def uncover_slot(self, slot: int) -> None:
+        """Unassign ``slot`` on every node (CLUSTER DELSLOTS): no node serves it any more."""
+        for port in self._live():
+            self._client(port).execute_command("CLUSTER", "DELSLOTS", slot)
+        self._wait(
+            lambda: all(
+                b"cluster_slots_assigned:16383"
+                in self._client(p).execute_command("CLUSTER", "INFO")
+                for p in self._live()
+            ),
+            f"slot {slot} uncovered on every node",
+        )
+
     def restart(self, port: int) -> None:
         """Start the killed node again (same port and dir: it rejoins, as a replica)."""
-        self._spawn(port)
+        if not self._spawn(port):
+            raise RuntimeError(f"redis cluster: node {port} did not restart; see its log")
         self._wait(self._healthy, f"node {port} back as a replica")
 
     def close(self) -> None:
@@ -137,7 +168,8 @@ class RedisCluster:
 
     # -- helpers -------------------------------------------------------------------
 
-    def _spawn(self, port: int) -> None:
+    def _spawn(self, port: int) -> bool:
+        """Start the node on ``port``; False if it exited at once (port taken)."""
         args = [
             REDIS_SERVER,
             "--port", str(port),
@@ -149,10 +181,20 @@ class RedisCluster:
             "--appendonly", "no",
             "--save", "",
         ]  # fmt: skip
-        self._procs[port] = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        self._wait(lambda: self._client(port).ping(), f"node {port} up")
+        log = open(self._dir / str(port) / "log", "ab")  # noqa: SIM115 - the node keeps it
+        proc = self._procs[port] = subprocess.Popen(args, stdout=log, stderr=log)
+        log.close()
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                return True
+            return bool(self._client(port).ping())
+
+        self._wait(up, f"node {port} up")
+        if proc.poll() is not None:
+            del self._procs[port]
+            return False
+        return True
 
     def _live(self) -> list[int]:
         return list(self._procs)

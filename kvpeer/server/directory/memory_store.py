@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Sequence
 
@@ -78,6 +79,7 @@ class MemoryStore(DirectoryStore):
         self, *, sweep_batch: int = 5000, max_keys_per_node: int = MAX_KEYS_PER_NODE
     ) -> None:
         self._max_keys_per_node = max_keys_per_node
+        self.store_id = "memory-" + uuid.uuid4().hex
         self._lock = threading.Lock()
         self._nodes: dict[str, _Registration] = {}
         self._index: dict[str, dict[bytes, _Registration | list[_Registration]]] = {}

@@ -2,9 +2,11 @@
 
 Every script starts with :data:`PRELUDE` (the clock from Redis ``TIME``, the packed
 key format, the registration check) and takes ``ARGV[1]`` = the key prefix ``P``;
-``KEYS[1]`` is the prefix too (it names the slot on a Redis Cluster). The key schema
-they share is in :mod:`.redis_store`'s docstring; each script's arguments and answer
-are in the comment above it.
+``KEYS[1]`` is the prefix too (it names the slot on a Redis Cluster). :data:`EPOCH`
+runs on the control prefix; every other script runs on one shard's prefix and
+touches that shard's keys only (see :mod:`.redis_layout`). The key schema they share
+is in :mod:`.redis_store`'s docstring; each script's arguments and answer are in the
+comment above it.
 """
 
 # Shared by every script: the clock, the argument format, registration checks.
@@ -60,21 +62,30 @@ local function drop(h, key, epoch)
 end
 """
 
-# ARGV: prefix, node, endpoint, fp, fpb, ttl_ms -> {'ok', epoch}
-JOIN = """
-local node, endpoint, fp, fpb, ttl = ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
+# ARGV: control prefix -> the next epoch (a string). Seeded from TIME in microseconds
+# the first time, then INCR: epochs are unique across nodes, shards and replicas.
+EPOCH = """
 if redis.call('INCR', P .. 'epoch') == 1 then
   redis.call('SET', P .. 'epoch', t[1] .. string.format('%06d', tonumber(t[2])))
 end
-local epoch = redis.call('GET', P .. 'epoch')
+return redis.call('GET', P .. 'epoch')
+"""
+
+# ARGV: prefix, node, endpoint, fp, fpb, ttl_ms, epoch (from EPOCH) -> {'ok'}, or
+# {'superseded', current} when a later join of the node ran first (concurrent joins
+# through two replicas): the caller takes a fresh epoch, so the last join wins.
+JOIN = """
+local node, endpoint, fp, fpb, ttl = ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
+local epoch = ARGV[7]
 local old = redis.call('GET', P .. 'n:' .. node)
+if old and tonumber(old) > tonumber(epoch) then return {'superseded', old} end
 if old then retire(old) end
 local exp = fmt(now + ttl)
 redis.call('SET', P .. 'n:' .. node, epoch)
 redis.call('HSET', P .. 'r:' .. epoch, 'node', node, 'endpoint', endpoint, 'fp', fp,
            'fpb', fpb, 'exp', exp)
 redis.call('ZADD', P .. 'leases', exp, epoch)
-return {'ok', epoch}
+return {'ok'}
 """
 
 # ARGV: prefix, node, epoch, ttl_ms[, pinned rows, running requests, peer leases]

@@ -1,24 +1,29 @@
 """The directory's state in Redis, shared by every directory replica pointed at it.
 
-Each :class:`RedisStore` method is one Lua script run with ``EVALSHA``: one round
-trip, atomic in Redis, with Redis's clock (``TIME``) as the only clock, so
+Each :class:`RedisStore` call is Lua scripts run with ``EVALSHA``: a write is one
+script (a join two: the epoch, then the registration), atomic in Redis, and a read
+one script per shard, pipelined. Redis's clock (``TIME``) is the only clock, so
 replicas on hosts with skewed clocks agree on leases.
 
-**Redis Cluster** (``redis+cluster://host:port,host:port/``): the same scripts, with
-every key under one hash tag (the prefix is ``{kvpeer}:``), so each script's keys
-live in one slot and run atomically on the primary that owns it; the client follows
-MOVED/ASK and failovers. That buys availability (a primary dies, its replica takes
-over) but not write throughput: one namespace-agnostic slot means one primary does
-all the work. With ``?wait=N`` each write is acknowledged only once N replicas have
-it (``WAIT``), so an entry the store acknowledged survives the primary's death;
-without it (the default) a write acknowledged just before a primary dies may be lost
-with it (the node's publisher re-publishes when it next has to re-join).
+**Shards** (:mod:`.redis_layout`): each node lives in one shard, a whole directory
+under its own prefix, so a node's writes are one script in one slot and reads ask
+every shard. One Redis is one shard. On a **Redis Cluster**
+(``redis+cluster://host:port,host:port/``) there is a shard per primary by default,
+each under its own hash tag, so writes spread over the primaries; the client follows
+MOVED/ASK and failovers. With ``?wait=N`` each write is acknowledged only once N
+replicas have it (``WAIT``), so an entry the store acknowledged survives its
+primary's death; without it (the default) a write acknowledged just before a primary
+dies may be lost with it (the node's publisher re-publishes when it next has to
+re-join).
 
-Key schema (``P`` is the prefix, ``kvpeer:`` by default, ``{kvpeer}:`` on a cluster)::
+Key schema. ``C`` is the control prefix (``kvpeer:`` by default, ``{kvpeer}:`` on a
+cluster); ``P`` is a shard's prefix (``C`` itself when there is one shard)::
 
-    P epoch              string  epoch counter: seeded from TIME in microseconds the
+    C epoch              string  epoch counter: seeded from TIME in microseconds the
                                  first time, then INCR. Epochs are unique across
-                                 nodes and replicas, so an epoch names a registration
+                                 nodes, shards and replicas, so an epoch names a
+                                 registration
+    C layout             string  "kvpeer-directory/1 shards=S", see redis_layout
     P n:<node id>        string  the node's current epoch
     P r:<epoch>          hash    registration: node, endpoint, fp (digest),
                                  fpb (Fingerprint protobuf bytes), exp (lease end, ms),
@@ -26,8 +31,8 @@ Key schema (``P`` is the prefix, ``kvpeer:`` by default, ``{kvpeer}:`` on a clus
                                  (pinned rows, running requests, peer leases), lat (ms)
     P leases             zset    epoch -> lease end (ms); finds expired registrations
     P nk:<epoch>         set     keys the registration holds
-    P k:<fp>             hash    <key> -> epochs of the registrations holding <key>
-                                 in namespace <fp>, separated by spaces (usually one)
+    P k:<fp>             hash    <key> -> epochs of the shard's registrations holding
+                                 <key> in namespace <fp>, separated by spaces
     P gc                 hash    epoch -> fp of ended registrations whose entries
                                  the sweeper still has to free
 
@@ -35,9 +40,9 @@ An entry counts only while ``r:<epoch>`` exists and its lease has not ended; a
 re-join, a leave or an expiry deletes ``r:<epoch>``, which fences the old entries
 at once, and :meth:`RedisStore.sweep` frees them later in bounded slices.
 
-Why this shape: a 1,000-key Locate is one script doing one ``HMGET`` and, per
-distinct value (a handful: most keys share their holders), one registration
-lookup; publishing 1,000 keys is one ``HMGET``, one ``HSET`` and one ``SADD``. One
+Why this shape: a 1,000-key Locate is one script per shard doing one ``HMGET``
+and, per distinct value (a handful: most keys share their holders), one
+registration lookup; publishing 1,000 keys is one ``HMGET``, one ``HSET`` and one ``SADD``. One
 hash per namespace (rather than a Redis key per entry) lets both take the keys as
 they arrive, without composing a key name for each. Keys travel packed into one
 argument (parsing a thousand arguments costs more in redis-py than the lookup in
@@ -48,22 +53,26 @@ formatted with ``%.0f`` (exact below 2**53), never Lua's default formatting.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
-from redis.cluster import ClusterNode, RedisCluster
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from kvpeer.api.errors import ConfigError
 from kvpeer.api.fingerprint import Fingerprint
+from kvpeer.server.directory import redis_layout as layout
 from kvpeer.server.directory import redis_scripts as scripts
 from kvpeer.server.directory.store import (
     MAX_KEYS_PER_NODE,
     DirectoryStore,
     Located,
+    MisconfiguredStoreError,
     NamespaceStats,
     NodeLoad,
     NodeRecord,
@@ -77,57 +86,12 @@ from kvpeer.server.directory.store import (
 )
 from kvpeer.v1 import fingerprint_pb2
 
-#: URL scheme of a Redis Cluster store: ``redis+cluster://host:port[,host:port...]/``.
-CLUSTER_SCHEME = "redis+cluster"
+log = logging.getLogger(__name__)
+
 #: How long a write waits for ``?wait=N`` replicas before it is refused.
 WAIT_TIMEOUT_MS = 1000
-
-
-def _describe_url(url: str, key: str) -> tuple[str, str]:
-    """``(host:port, url without credentials)`` for messages; ConfigError naming ``key``."""
-    try:
-        parts = urlsplit(url)
-        address = f"{parts.hostname}:{parts.port or 6379}"
-    except ValueError as exc:
-        raise ConfigError(key, f"invalid Redis URL {url!r}: {exc}") from exc
-    if not parts.hostname:
-        raise ConfigError(key, f"invalid Redis URL {url!r}: expected redis://host:port/db")
-    return address, f"{parts.scheme}://{address}{parts.path or '/0'}"
-
-
-def _cluster_nodes(url: str, key: str) -> tuple[list[ClusterNode], dict[str, Any], int]:
-    """Startup nodes, client options (credentials) and ``?wait=N`` of a cluster URL."""
-    parts = urlsplit(url)
-    credentials, _, hosts = parts.netloc.rpartition("@")
-    options: dict[str, Any] = {}
-    if credentials:
-        user, _, password = credentials.partition(":")
-        options = {"username": user or None, "password": password or None}
-    nodes = []
-    for item in hosts.split(","):
-        host, _, port = item.strip().rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(
-                key,
-                f"invalid Redis Cluster URL {url!r}: expected "
-                f"{CLUSTER_SCHEME}://host:port[,host:port...]/ (got node {item!r})",
-            )
-        nodes.append(ClusterNode(host.strip("[]"), int(port)))
-    if parts.path not in ("", "/", "/0"):
-        raise ConfigError(key, f"invalid Redis Cluster URL {url!r}: a cluster has only db 0")
-    query = parse_qs(parts.query)
-    unknown = set(query) - {"wait"}
-    if unknown:
-        raise ConfigError(key, f"unknown option(s) {sorted(unknown)} in {url!r}: only wait=N")
-    wait = query.get("wait", ["0"])[-1]
-    if not wait.isdigit():
-        raise ConfigError(key, f"wait={wait!r} in {url!r}: expected a number of replicas")
-    return nodes, options, int(wait)
-
-
-def _has_hash_tag(prefix: str) -> bool:
-    start = prefix.find("{")
-    return start >= 0 and prefix.find("}", start + 2) > start
+#: How often a join takes a fresh epoch when concurrent joins of its node overtake it.
+JOIN_ATTEMPTS = 5
 
 
 class RedisStore(DirectoryStore):
@@ -137,15 +101,23 @@ class RedisStore(DirectoryStore):
     :class:`StoreUnavailableError` ("redis at host:port unreachable: ...") while
     Redis is down and work again, without a restart, once it is back.
 
+    The start checks of :mod:`.redis_layout` run here; on one Redis that is down at
+    start they run at the first call that reaches it (and refuse every call with
+    :class:`MisconfiguredStoreError` if they fail then).
+
     Args:
         url: ``redis://[user:password@]host:port/db`` (``rediss://`` for TLS), or
-            ``redis+cluster://[user:password@]host:port,host:port/[?wait=N]``.
-        prefix: prepended to every Redis key, so several directories (or tests)
-            can share one Redis database; on a cluster it must hold a ``{hash tag}``
-            (default ``{kvpeer}:``).
+            ``redis+cluster://[user:password@]host:port,host:port/[?wait=N][&shards=N]``.
+        prefix: the control prefix, prepended to every Redis key, so several
+            directories (or tests) can share one Redis database; on a cluster it must
+            hold a ``{hash tag}`` (default ``{kvpeer}:``).
         timeout_s: socket timeout of each Redis call.
-        sweep_batch: most entries one :meth:`sweep` frees (one script blocks Redis
-            for its duration: a few milliseconds at the default).
+        sweep_batch: most entries one :meth:`sweep` frees per shard (one script blocks
+            Redis for its duration: a few milliseconds at the default).
+
+    Raises:
+        ConfigError: naming ``key``, for a malformed URL or a failed start check.
+        StoreUnavailableError: a cluster none of whose nodes answers.
     """
 
     def __init__(
@@ -159,45 +131,47 @@ class RedisStore(DirectoryStore):
         key: str = "store",
     ) -> None:
         self._max_keys_per_node = max_keys_per_node
-        self._wait_replicas = 0
+        self._target = target = layout.parse_store_url(url, key)
+        self._address, self.name = target.address, target.name
+        self._key = key
         timeouts = {
             "socket_timeout": timeout_s,
             "socket_connect_timeout": min(timeout_s, 1.0),
             "decode_responses": False,
         }
-        if url.startswith(CLUSTER_SCHEME + "://"):
-            nodes, credentials, self._wait_replicas = _cluster_nodes(url, key)
-            self._address = ",".join(f"{n.host}:{n.port}" for n in nodes)
-            self.name = f"{CLUSTER_SCHEME}://{self._address}/"
+        if target.cluster:
             prefix = "{kvpeer}:" if prefix is None else prefix
-            if not _has_hash_tag(prefix):
+            if not layout.has_hash_tag(prefix):
                 raise ConfigError(
                     key,
-                    f"prefix {prefix!r} has no {{hash tag}}: on a cluster every key must "
-                    "share one slot (e.g. '{kvpeer}:')",
+                    f"prefix {prefix!r} has no {{hash tag}}: on a cluster each shard's keys "
+                    "must share one slot (e.g. '{kvpeer}:')",
                 )
             try:
                 self._redis: Any = RedisCluster(
-                    startup_nodes=nodes,
+                    startup_nodes=target.nodes,
                     retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 3),
-                    **credentials,
+                    # Coverage is checked below, with a message that says what to do.
+                    require_full_coverage=False,
+                    **target.credentials,
                     **timeouts,
                 )
-            except redis.RedisError as exc:
+            except (redis.RedisError, RedisClusterException) as exc:
                 raise StoreUnavailableError(
                     f"redis cluster at {self._address} unreachable: {exc}"
                 ) from exc
         else:
-            self._address, self.name = _describe_url(url, key)
             try:
                 self._redis = redis.Redis.from_url(
                     url, retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1), **timeouts
                 )
             except ValueError as exc:
                 raise ConfigError(key, f"invalid Redis URL {url!r}: {exc}") from exc
-        self._prefix = (prefix or "kvpeer:").encode()
+        self._control = (prefix or "kvpeer:").encode()
+        self._shards = [self._control]
         self._sweep_batch = sweep_batch
         register = self._redis.register_script
+        self._epoch = register(scripts.PRELUDE + scripts.EPOCH)
         self._join = register(scripts.PRELUDE + scripts.JOIN)
         self._heartbeat = register(scripts.PRELUDE + scripts.HEARTBEAT)
         self._publish = register(scripts.PRELUDE + scripts.PUBLISH)
@@ -207,6 +181,38 @@ class RedisStore(DirectoryStore):
         self._score = register(scripts.PRELUDE + scripts.SCORE)
         self._list = register(scripts.PRELUDE + scripts.LIST)
         self._sweep = register(scripts.PRELUDE + scripts.SWEEP)
+        self._checked_layout = False
+        try:
+            self._open_layout()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if target.cluster:
+                raise StoreUnavailableError(
+                    f"redis cluster at {self._address} unreachable: {exc}"
+                ) from exc
+            log.warning(
+                "redis at %s unreachable (%s): checking its layout later", self._address, exc
+            )
+
+    def _open_layout(self) -> None:
+        """Run the start checks and learn the shards (see :mod:`.redis_layout`)."""
+        target = self._target
+        if target.cluster:
+            layout.check_cluster(self._redis, target, self._key)
+            primaries = len(self._redis.get_primaries())
+            opened = layout.open_layout(
+                self._redis, self._control, target, min(primaries, layout.MAX_SHARDS), self._key
+            )
+            self._shards = layout.shard_prefixes(self._control, opened.shards, cluster=True)
+        else:
+            layout.check_database(self._redis, self._control, target, self._key)
+            opened = layout.open_layout(self._redis, self._control, target, 1, self._key)
+        self.store_id = opened.store_id
+        self._checked_layout = True
+
+    @property
+    def shards(self) -> int:
+        """How many shards the directory has (1 on one Redis)."""
+        return len(self._shards)
 
     @staticmethod
     def _pack(keys: Sequence[bytes]) -> bytes:
@@ -217,34 +223,70 @@ class RedisStore(DirectoryStore):
         """
         return len(keys).to_bytes(2, "big") + bytes(map(len, keys)) + b"".join(keys)
 
-    def _run(self, script: Any, *args: Any, write: bool = False) -> Any:
-        """Run ``script``; a ``write`` waits for ``?wait=N`` replicas to have it."""
+    def _ready(self) -> None:
+        """Run the start checks that a down Redis postponed; refuse calls if they fail."""
+        if self._checked_layout:
+            return
         try:
-            # KEYS[1] names the slot (a cluster routes the script there); ARGV[1] is P.
-            reply = script(keys=[self._prefix], args=(self._prefix, *args))
-            if write and self._wait_replicas:
-                self._replicated()
-            return reply
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise StoreUnavailableError(f"redis at {self._address} unreachable: {exc}") from exc
-        except redis.RedisError as exc:
-            raise StoreUnavailableError(f"redis at {self._address} refused a call: {exc}") from exc
+            self._open_layout()
+        except ConfigError as exc:
+            log.error("%s", exc)
+            raise MisconfiguredStoreError(str(exc)) from exc
 
-    def _replicated(self) -> None:
-        """WAIT on the primary of the directory's slot; refuse if too few replicas have it."""
-        node = self._redis.get_node_from_key(self._prefix)
-        have = self._redis.execute_command(
-            "WAIT", self._wait_replicas, WAIT_TIMEOUT_MS, target_nodes=node
-        )
-        if int(have) < self._wait_replicas:
+    def _unavailable(self, exc: redis.RedisError) -> StoreUnavailableError:
+        if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+            return StoreUnavailableError(f"redis at {self._address} unreachable: {exc}")
+        return StoreUnavailableError(f"redis at {self._address} refused a call: {exc}")
+
+    def _run(self, script: Any, prefix: bytes, *args: Any, write: bool = False) -> Any:
+        """Run ``script`` on one prefix; a ``write`` waits for ``?wait=N`` replicas."""
+        try:
+            self._ready()
+            # KEYS[1] names the slot (a cluster routes the script there); ARGV[1] is P.
+            reply = script(keys=[prefix], args=(prefix, *args))
+            if write and self._target.wait_replicas:
+                self._replicated(prefix)
+            return reply
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+
+    def _each_shard(self, script: Any, *args: Any) -> list[Any]:
+        """Run a read script on every shard, in one pipeline: the replies in shard order."""
+        if len(self._shards) == 1:
+            return [self._run(script, self._shards[0], *args)]
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            for prefix in self._shards:
+                script(keys=[prefix], args=(prefix, *args), client=pipe)
+            replies = pipe.execute(raise_on_error=False)
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+        for i, reply in enumerate(replies):
+            if isinstance(reply, redis.exceptions.NoScriptError):
+                # A cluster pipeline does not load scripts: a plain call does (a new
+                # primary after a failover, a restarted node).
+                replies[i] = self._run(script, self._shards[i], *args)
+            elif isinstance(reply, redis.RedisError):
+                raise self._unavailable(reply)
+        return replies
+
+    def _replicated(self, prefix: bytes) -> None:
+        """WAIT on the primary of ``prefix``'s slot; refuse if too few replicas have it."""
+        wanted = self._target.wait_replicas
+        node = self._redis.get_node_from_key(prefix)
+        have = self._redis.execute_command("WAIT", wanted, WAIT_TIMEOUT_MS, target_nodes=node)
+        if int(have) < wanted:
             raise StoreUnavailableError(
-                f"redis at {self._address}: the write reached {have} of {self._wait_replicas} "
-                f"replicas within {WAIT_TIMEOUT_MS} ms (wait={self._wait_replicas})"
+                f"redis at {self._address}: the write reached {have} of {wanted} "
+                f"replicas within {WAIT_TIMEOUT_MS} ms (wait={wanted})"
             )
+
+    def _shard(self, node_id: str) -> bytes:
+        return self._shards[layout.shard_of(node_id, len(self._shards))]
 
     def _checked(self, node_id: str, epoch: int, script: Any, *args: Any) -> list[Any]:
         """Run a write script that starts with check(node, epoch); raise its refusal."""
-        reply = self._run(script, node_id, str(epoch), *args, write=True)
+        reply = self._run(script, self._shard(node_id), node_id, str(epoch), *args, write=True)
         status = reply[0]
         if status == b"ok":
             return reply
@@ -262,10 +304,26 @@ class RedisStore(DirectoryStore):
 
     def join(self, node_id: str, endpoint: str, fingerprint: Fingerprint, ttl_s: float) -> int:
         fpb = fingerprint.to_proto().SerializeToString(deterministic=True)
-        reply = self._run(
-            self._join, node_id, endpoint, fingerprint.digest, fpb, self._ttl_ms(ttl_s), write=True
+        shard = self._shard(node_id)
+        for _ in range(JOIN_ATTEMPTS):
+            epoch = self._run(self._epoch, self._control, write=True)
+            reply = self._run(
+                self._join,
+                shard,
+                node_id,
+                endpoint,
+                fingerprint.digest,
+                fpb,
+                self._ttl_ms(ttl_s),
+                epoch,
+                write=True,
+            )
+            if reply[0] == b"ok":
+                return int(epoch)
+        raise StoreUnavailableError(
+            f"redis at {self._address}: {JOIN_ATTEMPTS} joins of node {node_id} in a row were "
+            "overtaken by other joins of the same node id: is it running twice?"
         )
-        return int(reply[1])
 
     def heartbeat(
         self, node_id: str, epoch: int, ttl_s: float, load: NodeLoad | None = None
@@ -285,56 +343,63 @@ class RedisStore(DirectoryStore):
         return int(self._checked(node_id, epoch, self._withdraw, self._pack(keys))[1])
 
     def locate(self, fingerprint: str, keys: Sequence[bytes], exclude_node_id: str) -> Located:
-        reply = self._run(self._locate, fingerprint, exclude_node_id, self._pack(keys))
-        head, _, body = reply.partition(b"\n")
-        flat = head.decode().split()
-        nodes = [NodeRef(flat[i], flat[i + 2], int(flat[i + 1])) for i in range(0, len(flat), 3)]
-        parsed: dict[bytes, tuple[int, ...]] = {b"": ()}
-        rows = []
-        for raw in body.split(b";"):
-            row = parsed.get(raw)
-            if row is None:
-                row = parsed[raw] = tuple(map(int, raw.split(b",")))
-            rows.append(row)
+        nodes: list[NodeRef] = []
+        rows: list[tuple[int, ...]] = [()] * len(keys)
+        for reply in self._each_shard(self._locate, fingerprint, exclude_node_id, self._pack(keys)):
+            head, _, body = reply.partition(b"\n")
+            flat = head.decode().split()
+            if not flat:
+                continue  # no holder in this shard
+            base = len(nodes)
+            nodes.extend(
+                NodeRef(flat[i], flat[i + 2], int(flat[i + 1])) for i in range(0, len(flat), 3)
+            )
+            parsed: dict[bytes, tuple[int, ...]] = {b"": ()}
+            for i, raw in enumerate(body.split(b";")):
+                row = parsed.get(raw)
+                if row is None:
+                    row = parsed[raw] = tuple(base + int(x) for x in raw.split(b","))
+                if row:
+                    rows[i] = rows[i] + row if rows[i] else row
         return Located(nodes, rows)
 
     def score(self, fingerprint: str | None, keys: Sequence[bytes]) -> list[ScoredNode]:
-        flat = self._run(self._score, fingerprint or "", self._pack(keys))
         scored = []
-        for i in range(0, len(flat), 9):
-            node, epoch, endpoint, fp, prefix, pinned, running, leases, age = flat[i : i + 9]
-            load = None if age == b"" else NodeLoad(int(pinned), int(running), int(leases))
-            scored.append(
-                ScoredNode(
-                    node.decode(),
-                    endpoint.decode(),
-                    int(epoch),
-                    fp.decode(),
-                    int(prefix),
-                    load,
-                    0.0 if load is None else int(age) / 1000,
+        for flat in self._each_shard(self._score, fingerprint or "", self._pack(keys)):
+            for i in range(0, len(flat), 9):
+                node, epoch, endpoint, fp, prefix, pinned, running, leases, age = flat[i : i + 9]
+                load = None if age == b"" else NodeLoad(int(pinned), int(running), int(leases))
+                scored.append(
+                    ScoredNode(
+                        node.decode(),
+                        endpoint.decode(),
+                        int(epoch),
+                        fp.decode(),
+                        int(prefix),
+                        load,
+                        0.0 if load is None else int(age) / 1000,
+                    )
                 )
-            )
         return sort_scores(scored)
 
     def leave(self, node_id: str, epoch: int) -> None:
         self._checked(node_id, epoch, self._leave)
 
     def list_nodes(self, fingerprint: str | None = None) -> list[NodeRecord]:
-        flat = self._run(self._list, fingerprint or "")
         records = []
-        for i in range(0, len(flat), 7):
-            node, epoch, endpoint, _fp, fpb, remaining_ms, keys = flat[i : i + 7]
-            records.append(
-                NodeRecord(
-                    node.decode(),
-                    endpoint.decode(),
-                    int(epoch),
-                    Fingerprint.from_proto(fingerprint_pb2.Fingerprint.FromString(fpb)),
-                    int(keys),
-                    int(remaining_ms) / 1000,
+        for flat in self._each_shard(self._list, fingerprint or ""):
+            for i in range(0, len(flat), 7):
+                node, epoch, endpoint, _fp, fpb, remaining_ms, keys = flat[i : i + 7]
+                records.append(
+                    NodeRecord(
+                        node.decode(),
+                        endpoint.decode(),
+                        int(epoch),
+                        Fingerprint.from_proto(fingerprint_pb2.Fingerprint.FromString(fpb)),
+                        int(keys),
+                        int(remaining_ms) / 1000,
+                    )
                 )
-            )
         return sorted(records, key=lambda r: r.node_id)
 
     def stats(self) -> list[NamespaceStats]:
@@ -345,7 +410,39 @@ class RedisStore(DirectoryStore):
         return [NamespaceStats(fp, n, k) for fp, (n, k) in sorted(per_namespace.items())]
 
     def sweep(self) -> int:
-        return int(self._run(self._sweep, self._sweep_batch))
+        self._recheck_layout()
+        return sum(int(freed) for freed in self._each_shard(self._sweep, self._sweep_batch))
+
+    def _recheck_layout(self) -> None:
+        """Sweeper thread: re-write the marker if Redis lost it; adopt a re-created one.
+
+        A Redis restarted without persistence comes back empty: the replicas still
+        running write their marker back (the same id, so they go on agreeing), and a
+        replica that re-created it first is followed, so every replica reports one id.
+        """
+        if not self._checked_layout:
+            return
+        try:
+            opened = layout.open_layout(
+                self._redis,
+                self._control,
+                replace(self._target, shards=len(self._shards)),
+                len(self._shards),
+                self._key,
+                store_id=self.store_id,
+            )
+        except ConfigError as exc:
+            raise MisconfiguredStoreError(str(exc)) from exc
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+        if opened.store_id != self.store_id:
+            log.warning(
+                "the directory in %s was re-created (store id %s, was %s): following it",
+                self.name,
+                opened.store_id,
+                self.store_id,
+            )
+            self.store_id = opened.store_id
 
     def close(self) -> None:
         self._redis.close()

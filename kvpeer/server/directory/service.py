@@ -294,7 +294,9 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServicer):
         log.info(
             "join %s at %s epoch %d (%s)", request.node_id, endpoint, epoch, fingerprint.digest
         )
-        return pb.JoinResponse(epoch=epoch, lease_ttl_ms=self._lease_ms)
+        return pb.JoinResponse(
+            epoch=epoch, lease_ttl_ms=self._lease_ms, store_id=self.store.store_id
+        )
 
     @_rpc
     def Heartbeat(
@@ -338,7 +340,8 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServicer):
             nodes=[
                 pb.NodeRef(node_id=n.node_id, endpoint=n.endpoint, epoch=n.epoch)
                 for n in located.nodes
-            ]
+            ],
+            store_id=self.store.store_id,
         )
         encoded = _EncodedRows()
         response = pb.LocateResponse.FromString(
@@ -399,6 +402,7 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServicer):
                 for ns in namespaces
             ],
             store=self.store.name,
+            store_id=self.store.store_id,
         )
 
 

@@ -86,6 +86,14 @@ class StoreUnavailableError(StoreError):
     """The store's backend (e.g. Redis) cannot be reached; the call may be retried."""
 
 
+class MisconfiguredStoreError(StoreUnavailableError):
+    """A start check that a down backend postponed failed once it was reachable.
+
+    The replica answers UNAVAILABLE (so nodes use another replica) until it is
+    restarted with the right ``--store``; the message says what is wrong.
+    """
+
+
 def check_keys(keys: Sequence[bytes], *, one_length: bool = False) -> str | None:
     """Why ``keys`` is not a valid batch (count and sizes), or None when it is.
 
@@ -215,6 +223,10 @@ class DirectoryStore(ABC):
 
     #: Short description for logs and Stats, e.g. ``memory`` or ``redis://host:6379/0``.
     name: str
+    #: Identity of the state, the same for every replica on this store (a memory
+    #: store's is its own); "" while not known yet (Redis down since start).
+    #: Answers carry it, so a client notices replicas that serve different state.
+    store_id: str = ""
 
     @abstractmethod
     def join(self, node_id: str, endpoint: str, fingerprint: Fingerprint, ttl_s: float) -> int:
