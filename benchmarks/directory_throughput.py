@@ -4,9 +4,9 @@
     python benchmarks/directory_throughput.py --scaling [--json FILE]
 
 ``--scaling`` instead runs :mod:`kvpeer.bench.directory_scaling`: 1, 2 and 4
-directory replicas on one private Redis and 4 on a private 3-primary Redis Cluster,
-driven by many concurrent simulated nodes, with aggregate publish keys/s and
-Locate p50/p99 for each.
+directory replicas on one private Redis and 4 on a private 3-primary Redis Cluster
+(once with one shard, once sharded, a shard per primary), driven by many concurrent
+simulated nodes, with aggregate publish keys/s and Locate p50/p99 for each.
 
 Runs ``kvpeer directory`` as a child process once per store (memory, then Redis:
 a private ``redis-server`` is started unless ``--redis`` names one), drives it
@@ -75,7 +75,9 @@ def _scaling(args: argparse.Namespace) -> int:
         redis = stack.enter_context(RedisServer())
         cluster = stack.enter_context(RedisCluster())
         results = run_scaling(
-            (redis.url, [redis.pid]), (cluster.url, cluster.pids), seconds=args.seconds_scaling
+            (redis.url, [redis.pid]),
+            (cluster.url, cluster.pids, cluster.flush),
+            seconds=args.seconds_scaling,
         )
     print(format_scaling(results))
     if args.json:

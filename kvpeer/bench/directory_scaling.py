@@ -8,10 +8,16 @@ simulating ``nodes_per_driver`` nodes. A simulated node joins through replica
 a node's publisher sends what its tier stored (a node storing 2 GB/s of 2 MiB chunks
 publishes ~1,000 keys/s in batches of ~50). One thread per driver locates 64 held
 keys every 10 ms and records the latency. Reported per setup: aggregate published
-keys/s, Locate p50/p99, and how many such 1,000 keys/s nodes that carries.
+keys/s, Locate p50/p99, the CPU each component spent per key, and how the Redis
+work splits over the Redis processes (the busiest one's share).
+
+On the cluster the directory runs twice in the same run: with its default layout
+(a shard per primary) and with ``?shards=1`` (every key in one slot, so one primary
+does all the work), the cluster flushed in between.
 
 Everything shares this machine's cores: the ratios show where the work goes (the
-directory processes or Redis), not what separate machines would reach.
+directory processes or Redis, one primary or all), not what separate machines would
+reach.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import os
 import statistics
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +50,8 @@ class ScalingResult:
     #: CPU time per published key: of all directory processes, and of Redis.
     directory_cpu_us_per_key: float
     redis_cpu_us_per_key: float
+    #: The busiest Redis process's share of all Redis CPU time (1.0 with one Redis).
+    redis_busiest_share: float = 1.0
 
     @property
     def nodes_carried(self) -> int:
@@ -54,17 +62,18 @@ class ScalingResult:
         return int(1e6 / max(cpu_us_per_key, 1e-9) / NODE_KEYS_PER_S)
 
 
-def _cpu_s(pids: Sequence[int]) -> float:
-    """User + system CPU seconds of processes, from /proc (0 for ones that are gone)."""
-    total = 0.0
+def _cpu_s(pids: Sequence[int]) -> list[float]:
+    """User + system CPU seconds of each process, from /proc (0 for ones that are gone)."""
+    seconds = []
     tick = os.sysconf("SC_CLK_TCK")
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
+            seconds.append(0.0)
             continue
-        total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+        seconds.append((int(fields[11]) + int(fields[12])) / tick)
+    return seconds
 
 
 def _drive(
@@ -158,7 +167,11 @@ def measure(
             after = _cpu_s(directory_pids), _cpu_s(store_pids)
     total = sum(count for count, _ in outcomes)
     # The CPU was measured over the joins and warm-up second too: an upper bound.
-    per_key = [(b - a) * 1e6 / max(1, total) for a, b in zip(before, after, strict=True)]
+    spent = [
+        [b - a for a, b in zip(*pair, strict=True)] for pair in zip(before, after, strict=True)
+    ]
+    per_key = [sum(each) * 1e6 / max(1, total) for each in spent]
+    busiest = max(spent[1]) / sum(spent[1]) if sum(spent[1]) > 0 else 1.0
     latencies = sorted(x for _, values in outcomes for x in values)
     p99 = latencies[min(len(latencies) - 1, len(latencies) * 99 // 100)] if latencies else 0.0
     return ScalingResult(
@@ -169,20 +182,30 @@ def measure(
         p99 * 1000,
         per_key[0],
         per_key[1],
+        busiest,
     )
 
 
 def run_scaling(
     redis: tuple[str, Sequence[int]],
-    cluster: tuple[str, Sequence[int]] | None,
+    cluster: tuple[str, Sequence[int], Callable[[], None]] | None,
     **options: Any,
 ) -> list[ScalingResult]:
-    """1, 2, 4 replicas on one Redis, then 4 on the cluster; each ``(url, redis pids)``."""
+    """1, 2, 4 replicas on one Redis, then 4 on the cluster: one shard, then sharded.
+
+    ``redis`` is ``(url, pids)``; ``cluster`` is ``(url, pids, flush)``, ``flush``
+    emptying the cluster between its two setups (they are different layouts).
+    """
     url, pids = redis
     results = [measure(f"{n} on one Redis", url, n, store_pids=pids, **options) for n in (1, 2, 4)]
     if cluster is not None:
-        url, pids = cluster
-        results.append(measure("4 on a 3-node cluster", url, 4, store_pids=pids, **options))
+        url, pids, flush = cluster
+        for setup, store in (
+            ("4 on cluster, 1 shard", f"{url}?shards=1"),
+            ("4 on cluster, sharded", url),
+        ):
+            flush()
+            results.append(measure(setup, store, 4, store_pids=pids, **options))
     return results
 
 
@@ -190,14 +213,16 @@ def format_scaling(results: Sequence[ScalingResult]) -> str:
     base = results[0]
     lines = [
         f"{'replicas':24s} {'publish keys/s':>15s} {'vs 1':>6s} {'Locate p50':>11s} "
-        f"{'p99':>9s} {'p99 vs 1':>9s} {'dir us/key':>11s} {'redis us/key':>13s}"
+        f"{'p99':>9s} {'p99 vs 1':>9s} {'dir us/key':>11s} {'redis us/key':>13s} "
+        f"{'busiest redis':>14s}"
     ]
     for r in results:
         lines.append(
             f"{r.setup:24s} {r.publish_keys_per_s:15,.0f} "
             f"{r.publish_keys_per_s / base.publish_keys_per_s:6.2f} {r.locate_p50_ms:8.2f} ms "
             f"{r.locate_p99_ms:6.2f} ms {r.locate_p99_ms / base.locate_p99_ms:9.2f} "
-            f"{r.directory_cpu_us_per_key:11.2f} {r.redis_cpu_us_per_key:13.2f}"
+            f"{r.directory_cpu_us_per_key:11.2f} {r.redis_cpu_us_per_key:13.2f} "
+            f"{r.redis_busiest_share:13.0%}"
         )
     lines.append(
         f"sizing (1 replica, one Redis): a directory core carries ~"

@@ -23,9 +23,11 @@ _READY = re.compile(r"ready on (\S+):(\d+) .*?(?:metrics :(\d+))?\)$")
 
 
 class DirectoryProcess:
-    """A started ``kvpeer directory`` on 127.0.0.1 (a free port unless ``port`` is given).
+    """A started ``kvpeer directory`` on ``host`` (a free port unless ``port`` is given).
 
     Args:
+        host: the loopback address to listen on (127.0.0.1; 127.0.0.2 and so on for
+            several replicas behind one name).
         extra_args: more command-line flags (``--store``, ``--lease-ttl``, TLS...).
         metrics: serve ``/metrics`` on a free port (see :attr:`metrics_port`).
         python_args: how to start the ``kvpeer`` command line (a test may wrap it).
@@ -35,6 +37,7 @@ class DirectoryProcess:
         self,
         extra_args: Sequence[str] = (),
         *,
+        host: str = "127.0.0.1",
         port: int = 0,
         metrics: bool = True,
         start_timeout_s: float = 60.0,
@@ -44,6 +47,7 @@ class DirectoryProcess:
         self._metrics = metrics
         self._python_args = list(python_args)
         self._start_timeout_s = start_timeout_s
+        self.host = host
         self.port = port
         self.metrics_port: int | None = None
         # The log goes to a file: a pipe nobody reads would fill and block the server.
@@ -58,7 +62,7 @@ class DirectoryProcess:
             *self._python_args,
             "directory",
             "--listen",
-            f"127.0.0.1:{self.port}",
+            f"{self.host}:{self.port}",
         ]
         if self._metrics:
             args += ["--metrics-port", str(self.metrics_port or 0)]
@@ -84,7 +88,7 @@ class DirectoryProcess:
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def pid(self) -> int:
