@@ -39,8 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="memory",
         metavar="memory|redis://HOST:PORT/DB|redis+cluster://HOST:PORT,.../",
         help="where to keep the state: in this process (default) or in Redis or a Redis "
-        "Cluster (?wait=N: acknowledge writes once N replicas have them), shared by every "
-        "directory replica using it and kept across restarts",
+        "Cluster (?wait=N: acknowledge writes once N replicas have them; ?shards=N: split "
+        "the directory N ways, default one shard per primary), shared by every directory "
+        "replica using it and kept across restarts",
     )
     parser.add_argument(
         "--lease-ttl",
