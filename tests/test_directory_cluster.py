@@ -16,11 +16,13 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from redis.crc import key_slot
 
 from kvpeer.api.errors import ConfigError
 from kvpeer.client.directory import DirectoryClient
 from kvpeer.server.directory import redis_layout
 from kvpeer.server.directory.redis_store import RedisStore
+from kvpeer.server.directory.store import MisconfiguredStoreError, StoreUnavailableError
 from kvpeer.server.directory.stores import open_store
 from kvpeer.sim.directory import DirectoryProcess
 from kvpeer.v1 import directory_pb2 as pb
@@ -230,14 +232,22 @@ def test_replicas_of_one_directory_must_agree_on_its_shards(cluster: RedisCluste
 
 
 def test_concurrent_joins_of_one_node_leave_the_last_one_current(cluster: RedisCluster) -> None:
-    """Two replicas join the same node id at once: the highest epoch wins, in every shard."""
+    """Two replicas join the same node id at once, 20 times each: the highest epoch wins.
+
+    A join overtaken by the other one's retries with a fresh epoch; one overtaken
+    5 times in a row is refused ("is it running twice?"), never half-registered.
+    """
     stores = [RedisStore(cluster.url), RedisStore(cluster.url)]
     try:
         epochs: list[int] = []
+        refusals: list[str] = []
 
         def join(store: RedisStore) -> None:
             for _ in range(20):
-                epochs.append(store.join("twin", "twin.test:7601", FP_A, 30.0))
+                try:
+                    epochs.append(store.join("twin", "twin.test:7601", FP_A, 30.0))
+                except StoreUnavailableError as exc:
+                    refusals.append(str(exc))
 
         threads = [threading.Thread(target=join, args=(s,)) for s in stores]
         for thread in threads:
@@ -246,7 +256,8 @@ def test_concurrent_joins_of_one_node_leave_the_last_one_current(cluster: RedisC
             thread.join()
         listed = stores[0].list_nodes()
         assert [(r.node_id, r.epoch) for r in listed] == [("twin", max(epochs))]
-        assert len(set(epochs)) == 40
+        assert len(set(epochs)) == len(epochs) == 40 - len(refusals)
+        assert all("is it running twice?" in refusal for refusal in refusals)
     finally:
         for store in stores:
             store.close()
@@ -258,3 +269,38 @@ def test_a_cluster_with_an_uncovered_slot_is_refused_at_start() -> None:
         with pytest.raises(ConfigError, match=r"covers 16383 of 16384 hash slots"):
             RedisStore(cluster.url)
         assert "redis-cli --cluster fix" in refused_at_start("--store", cluster.url)
+
+
+def test_a_slot_lost_while_serving_makes_its_shard_unavailable_not_an_error() -> None:
+    """A primary's slot goes unserved under a running directory: calls that need that
+    shard get UNAVAILABLE naming the fix (the tier treats it as a miss), not INTERNAL."""
+    with RedisCluster() as cluster, DirectoryProcess(["--store", cluster.url]) as directory:
+        s = stub(directory)
+        epoch = s.Join(
+            pb.JoinRequest(node_id="a", endpoint="a.test:7601", fingerprint=FP_A.to_proto()),
+            timeout=RPC_TIMEOUT_S,
+        ).epoch
+        publish = pb.PublishRequest(node_id="a", epoch=epoch, keys=keys(4))
+        s.Publish(publish, timeout=RPC_TIMEOUT_S)
+        cluster.uncover_slot(key_slot(shard_key("a")))
+        for call in (
+            lambda: s.Publish(publish, timeout=RPC_TIMEOUT_S),
+            lambda: s.Locate(
+                pb.LocateRequest(fingerprint=FP_A.digest, keys=keys(4)), timeout=RPC_TIMEOUT_S
+            ),
+        ):
+            with pytest.raises(grpc.RpcError) as refused:
+                call()
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+            assert "not covered" in refused.value.details()
+            assert "redis-cli --cluster fix" in refused.value.details()
+
+
+def test_a_plain_redis_url_at_a_cluster_node_is_refused_naming_the_cluster_url() -> None:
+    with RedisCluster() as cluster:
+        marker_owner = cluster.primary_of(b"kvpeer:layout")
+        port = next(p for p in cluster.ports if p != marker_owner)
+        url = f"redis://127.0.0.1:{port}/0"
+        with pytest.raises(MisconfiguredStoreError, match=r"--store redis\+cluster://"):
+            RedisStore(url)
+        assert "it is a Redis Cluster node" in refused_at_start("--store", url)

@@ -12,6 +12,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import grpc
 import pytest
@@ -43,6 +44,36 @@ def replicas() -> Iterator[list[DirectoryProcess]]:
 
 def stub(process: DirectoryProcess) -> directory_pb2_grpc.DirectoryStub:
     return directory_pb2_grpc.DirectoryStub(grpc.insecure_channel(process.endpoint))
+
+
+@contextmanager
+def holder_and_consumer(
+    urls: list[str], lease_s: int
+) -> Iterator[tuple[list[DirectoryProcess], DirectoryClient, DirectoryClient]]:
+    """A directory replica per store URL, a node that publishes and one that only locates,
+    both listing every replica."""
+    started = [
+        DirectoryProcess(["--store", url, "--lease-ttl", str(lease_s)], metrics=False)
+        for url in urls
+    ]
+    endpoints = [p.endpoint for p in started]
+    holder = DirectoryClient(
+        endpoints, node_id="holder", advertise="holder.test:7601", fingerprint=FP_A
+    )
+    consumer = DirectoryClient(
+        endpoints,
+        node_id="consumer",
+        advertise="consumer.test:7601",
+        fingerprint=FP_A,
+        publish=False,
+    )
+    try:
+        yield started, holder, consumer
+    finally:
+        holder.close()
+        consumer.close()
+        for process in started:
+            process.close()
 
 
 def holders(s: directory_pb2_grpc.DirectoryStub, ks: list[bytes]) -> list[set[tuple[str, int]]]:
@@ -214,47 +245,30 @@ def test_the_scaling_benchmark_drives_replicas_and_reports_each_setup() -> None:
 
 def test_a_replica_on_another_store_is_split_off_at_start(caplog) -> None:
     """One of three replicas points at another Redis: nodes never register or locate there."""
-    with RedisServer() as right, RedisServer() as wrong:
-        started = [
-            DirectoryProcess(["--store", url, "--lease-ttl", "30"], metrics=False)
-            for url in (right.url, wrong.url, right.url)
-        ]
+    with (
+        RedisServer() as right,
+        RedisServer() as wrong,
+        holder_and_consumer([right.url, wrong.url, right.url], 30) as (started, holder, consumer),
+    ):
         a, b, c = started
-        endpoints = [p.endpoint for p in started]
-        holder = DirectoryClient(
-            endpoints, node_id="holder", advertise="holder.test:7601", fingerprint=FP_A
-        )
-        consumer = DirectoryClient(
-            endpoints,
-            node_id="consumer",
-            advertise="consumer.test:7601",
-            fingerprint=FP_A,
-            publish=False,
-        )
-        try:
-            with caplog.at_level("ERROR", logger="kvpeer.client.replicas"):
-                holder.start()
-                held = keys(20)
-                holder.publish(held)
-                assert holder.flush(20)
-                wait_until(lambda: holder.replica_health()[b.endpoint]["split"], 10, "b split")
-            assert [r.getMessage() for r in caplog.records if b.endpoint in r.getMessage()]
-            assert "must use the same --store" in caplog.text
-            health = holder.replica_health()
-            assert not health[a.endpoint]["split"] and not health[c.endpoint]["split"]
-            # The node registered in the directory's store only, never in the other one.
-            assert not stub(b).ListNodes(pb.ListNodesRequest(), timeout=RPC_TIMEOUT_S).nodes
-            assert [n.node_id for n in stub(c).ListNodes(pb.ListNodesRequest()).nodes] == ["holder"]
-            # Locates rotate over the replicas; none is answered from the other store.
-            for _ in range(12):
-                location = consumer.locate(held)
-                assert location.ok and all(location.holders)
-            assert consumer.replica_health()[b.endpoint]["split"]
-        finally:
-            holder.close()
-            consumer.close()
-            for process in started:
-                process.close()
+        with caplog.at_level("ERROR", logger="kvpeer.client.replicas"):
+            holder.start()
+            held = keys(20)
+            holder.publish(held)
+            assert holder.flush(20)
+            wait_until(lambda: holder.replica_health()[b.endpoint]["split"], 10, "b split")
+        assert [r.getMessage() for r in caplog.records if b.endpoint in r.getMessage()]
+        assert "must use the same --store" in caplog.text
+        health = holder.replica_health()
+        assert not health[a.endpoint]["split"] and not health[c.endpoint]["split"]
+        # The node registered in the directory's store only, never in the other one.
+        assert not stub(b).ListNodes(pb.ListNodesRequest(), timeout=RPC_TIMEOUT_S).nodes
+        assert [n.node_id for n in stub(c).ListNodes(pb.ListNodesRequest()).nodes] == ["holder"]
+        # Locates rotate over the replicas; none is answered from the other store.
+        for _ in range(12):
+            location = consumer.locate(held)
+            assert location.ok and all(location.holders)
+        assert consumer.replica_health()[b.endpoint]["split"]
 
 
 def test_replicas_agree_on_the_store_again_after_redis_comes_back_empty() -> None:
@@ -278,3 +292,57 @@ def test_replicas_agree_on_the_store_again_after_redis_comes_back_empty() -> Non
         finally:
             for process in started:
                 process.close()
+
+
+def test_nodes_follow_a_store_re_created_under_every_replica() -> None:
+    """An operator resets the directory's Redis (a new layout marker, so a new store id)
+    under running replicas: the replicas follow it, the holder re-registers and
+    re-publishes, and a node that knew the old id locates through the replicas again
+    instead of splitting every one of them off."""
+    with (
+        RedisServer() as redis,
+        holder_and_consumer([redis.url, redis.url], 3) as (started, holder, consumer),
+    ):
+        holder.start()
+        held = keys(20)
+        holder.publish(held)
+        assert holder.flush(20)
+        for _ in range(4):  # both replicas answer, with the first store's id
+            assert all(consumer.locate(held).holders)
+        redis.client().flushall()
+        redis.client().set("kvpeer:layout", "kvpeer-directory/1 shards=1 id=reset")
+
+        def ids() -> set[str]:
+            return {stub(p).Stats(pb.StatsRequest(), timeout=5).store_id for p in started}
+
+        wait_until(lambda: ids() == {"reset"}, 10, "the replicas to follow the reset")
+        wait_until(lambda: all(consumer.locate(held).holders), 15, "locates through the new store")
+        health = consumer.replica_health()
+        assert not any(h["split"] for h in health.values()), health
+
+
+def test_a_misconfigured_replica_listed_first_is_outvoted() -> None:
+    """The first answer, even the join, comes from the replica on the wrong Redis: the two
+    that agree win, the node moves its registration there and locates find it."""
+    with (
+        RedisServer() as right,
+        RedisServer() as wrong,
+        holder_and_consumer([wrong.url, right.url, right.url], 3) as (started, holder, consumer),
+    ):
+        b, a, c = started
+        holder.start()
+        held = keys(20)
+        holder.publish(held)
+        wait_until(lambda: holder.replica_health()[b.endpoint]["split"], 10, "b split")
+        wait_until(
+            lambda: (
+                [n.node_id for n in stub(c).ListNodes(pb.ListNodesRequest()).nodes] == ["holder"]
+            ),
+            15,
+            "the holder registered in the store most replicas serve",
+        )
+        wait_until(lambda: all(consumer.locate(held).holders), 15, "the holder found")
+        for _ in range(6):
+            assert all(consumer.locate(held).holders)
+        health = consumer.replica_health()
+        assert health[b.endpoint]["split"] and not health[a.endpoint]["split"], health

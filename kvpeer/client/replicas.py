@@ -25,8 +25,12 @@ Redis, another database, or a memory store): it is logged as an error and not as
 again, so a node never registers in, or locates from, two directories at once.
 :meth:`DirectoryReplicas.check_stores`, run after each join, asks every replica for
 its id: a misconfigured replica shows at start rather than at the first failover,
-and one that agrees again (a store re-created after a wipe) is used again. With one
-replica there is nothing to compare: its id may change (a memory store restarts).
+and one that agrees again (a store re-created after a wipe) is used again. When more
+replicas answer with another id than with the directory's, that id becomes the
+directory's: the store was re-created under all of them (an operator reset it), or
+the first answer came from the misconfigured one; a client never ends with every
+replica split. With one replica there is nothing to compare: its id may change (a
+memory store restarts).
 
 Thread-safe: one lock guards the health figures, never held across an RPC.
 """
@@ -74,7 +78,7 @@ class Replica:
 
 
 class OtherStoreError(grpc.RpcError):
-    """Every replica that answered serves another store than the directory's."""
+    """Every replica tried was split off during the call (stores changing under it)."""
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "replicas serve another store"
@@ -180,6 +184,8 @@ class DirectoryReplicas:
             return
         with self._lock:
             self._store_id = store_id
+            for r in self.replicas:
+                r.split = bool(r.store_id) and r.store_id != store_id
             due = [r for r in self.replicas if r.store_id != store_id]
         for replica in due:
             try:
@@ -221,14 +227,17 @@ class DirectoryReplicas:
                 self._failed(replica, exc)
                 error = exc
                 continue
-            if method != "Join" and not self._same_store(replica, response):
-                continue  # a join defines the directory: see check_stores
+            if method == "Join":
+                with self._lock:  # a join defines the directory: see check_stores
+                    replica.store_id = getattr(response, "store_id", "")
+            elif not self._same_store(replica, response):
+                continue
             self._answered(replica)
             return response
         if error is None:
             raise OtherStoreError(
-                f"directory replicas {', '.join(self.targets)}: each that answered serves "
-                "another store than the first one did: see the error logged above"
+                f"directory replicas {', '.join(self.targets)} changed stores during the "
+                "call: see the errors logged above"
             )
         raise error
 
@@ -255,16 +264,26 @@ class DirectoryReplicas:
         store_id = getattr(response, "store_id", "")
         if not store_id or len(self.replicas) < 2:
             return True  # an older directory or Redis down at its start; nothing to compare
+        followed = None
         with self._lock:
             replica.store_id = store_id
-            if self._store_id is None:
-                self._store_id = store_id
-            if store_id == self._store_id:
-                replica.split = False
-                return True
-            newly = not replica.split
-            replica.split = True
-            agreeing = [r.target for r in self.replicas if r.store_id == self._store_id]
+            known = [r.store_id for r in self.replicas]
+            if self._store_id is None or known.count(store_id) > known.count(self._store_id):
+                followed, self._store_id = self._store_id, store_id
+                for r in self.replicas:
+                    r.split = bool(r.store_id) and r.store_id != store_id
+            reference = self._store_id
+            newly = store_id != reference and not replica.split
+            replica.split = store_id != reference
+            agreeing = [r.target for r in self.replicas if r.store_id == reference]
+        if followed is not None:
+            log.warning(
+                "directory replicas %s: most now serve store %s, not %s (it was re-created, "
+                "or the first answer came from a misconfigured replica): following it",
+                ", ".join(self.targets),
+                reference,
+                followed,
+            )
         if newly:
             log.error(
                 "directory replica %s serves another store (id %s) than %s (id %s): the "
@@ -273,10 +292,10 @@ class DirectoryReplicas:
                 replica.target,
                 store_id,
                 ", ".join(agreeing),
-                self._store_id,
+                reference,
                 replica.target,
             )
-        return False
+        return store_id == reference
 
     def _answered(self, replica: Replica, *, current: bool = True) -> None:
         """``replica`` answered: healthy again; with ``current``, sticky calls go to it."""

@@ -34,6 +34,7 @@ is talking to two directories (see :mod:`kvpeer.client.replicas`).
 
 from __future__ import annotations
 
+import logging
 import uuid
 import zlib
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ from redis.cluster import ClusterNode
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from kvpeer.api.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 #: URL scheme of a Redis Cluster store: ``redis+cluster://host:port[,host:port...]/``.
 CLUSTER_SCHEME = "redis+cluster"
@@ -247,12 +250,19 @@ def check_database(client: redis.Redis, control: bytes, target: RedisTarget, key
     if client.exists(marker):
         return
     mine = client.connection_pool.connection_kwargs.get("db", 0)
-    for name in client.info("keyspace"):
+    try:
+        keyspace = client.info("keyspace")
+    except redis.ResponseError as exc:  # an ACL user without INFO: skip the check
+        log.info("%s: not looking for the directory in other databases: %s", target.name, exc)
+        return
+    for name in keyspace:
         if not name.startswith("db") or int(name[2:]) == mine:
             continue
         other = redis.Redis(connection_pool=_pool_for_db(client, int(name[2:])))
         try:
             held = other.exists(marker)
+        except redis.ResponseError:  # not allowed into that database: not ours to judge
+            held = False
         finally:
             other.close()
         if held:

@@ -61,7 +61,7 @@ from typing import Any
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.cluster import RedisCluster
-from redis.exceptions import RedisClusterException
+from redis.exceptions import RedisClusterException, SlotNotCoveredError
 from redis.retry import Retry
 
 from kvpeer.api.errors import ConfigError
@@ -192,6 +192,10 @@ class RedisStore(DirectoryStore):
             log.warning(
                 "redis at %s unreachable (%s): checking its layout later", self._address, exc
             )
+        except (redis.RedisError, RedisClusterException) as exc:
+            raise MisconfiguredStoreError(
+                f"{self.name} refused the directory's start checks: {_refusal(exc)}"
+            ) from exc
 
     def _open_layout(self) -> None:
         """Run the start checks and learn the shards (see :mod:`.redis_layout`)."""
@@ -233,10 +237,10 @@ class RedisStore(DirectoryStore):
             log.error("%s", exc)
             raise MisconfiguredStoreError(str(exc)) from exc
 
-    def _unavailable(self, exc: redis.RedisError) -> StoreUnavailableError:
+    def _unavailable(self, exc: Exception) -> StoreUnavailableError:
         if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
             return StoreUnavailableError(f"redis at {self._address} unreachable: {exc}")
-        return StoreUnavailableError(f"redis at {self._address} refused a call: {exc}")
+        return StoreUnavailableError(f"redis at {self._address} refused a call: {_refusal(exc)}")
 
     def _run(self, script: Any, prefix: bytes, *args: Any, write: bool = False) -> Any:
         """Run ``script`` on one prefix; a ``write`` waits for ``?wait=N`` replicas."""
@@ -247,7 +251,8 @@ class RedisStore(DirectoryStore):
             if write and self._target.wait_replicas:
                 self._replicated(prefix)
             return reply
-        except redis.RedisError as exc:
+        except (redis.RedisError, RedisClusterException) as exc:
+            # RedisClusterException: a slot no primary serves any more, for one.
             raise self._unavailable(exc) from exc
 
     def _each_shard(self, script: Any, *args: Any) -> list[Any]:
@@ -259,14 +264,14 @@ class RedisStore(DirectoryStore):
             for prefix in self._shards:
                 script(keys=[prefix], args=(prefix, *args), client=pipe)
             replies = pipe.execute(raise_on_error=False)
-        except redis.RedisError as exc:
+        except (redis.RedisError, RedisClusterException) as exc:
             raise self._unavailable(exc) from exc
         for i, reply in enumerate(replies):
             if isinstance(reply, redis.exceptions.NoScriptError):
                 # A cluster pipeline does not load scripts: a plain call does (a new
                 # primary after a failover, a restarted node).
                 replies[i] = self._run(script, self._shards[i], *args)
-            elif isinstance(reply, redis.RedisError):
+            elif isinstance(reply, redis.RedisError | RedisClusterException):
                 raise self._unavailable(reply)
         return replies
 
@@ -433,7 +438,7 @@ class RedisStore(DirectoryStore):
             )
         except ConfigError as exc:
             raise MisconfiguredStoreError(str(exc)) from exc
-        except redis.RedisError as exc:
+        except (redis.RedisError, RedisClusterException) as exc:
             raise self._unavailable(exc) from exc
         if opened.store_id != self.store_id:
             log.warning(
@@ -446,3 +451,16 @@ class RedisStore(DirectoryStore):
 
     def close(self) -> None:
         self._redis.close()
+
+
+def _refusal(exc: Exception) -> str:
+    """What Redis said, with the fix where a common mistake shows in it."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, redis.exceptions.AskError):  # MOVED too
+        return (
+            f"redirected to {text}: it is a Redis Cluster node; give the cluster as "
+            "--store redis+cluster://host:port,host:port/"
+        )
+    if isinstance(exc, SlotNotCoveredError):
+        return f"{text}; a primary is gone with no replica to take over: redis-cli --cluster fix"
+    return text
