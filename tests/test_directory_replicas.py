@@ -8,6 +8,8 @@ locates.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import threading
 import time
@@ -20,6 +22,7 @@ import pytest
 from kvpeer.api.errors import ConfigError
 from kvpeer.client.directory import DirectoryClient
 from kvpeer.client.replicas import parse_directory_endpoints
+from kvpeer.client.score import ScoreClient, ScoreError
 from kvpeer.sim.directory import DirectoryProcess
 from kvpeer.v1 import directory_pb2 as pb
 from kvpeer.v1 import directory_pb2_grpc
@@ -188,7 +191,8 @@ def test_directory_endpoint_lists_are_checked() -> None:
 def test_a_hung_replica_costs_at_most_one_deadline_then_is_skipped(
     replicas: list[DirectoryProcess],
 ) -> None:
-    """A replica that accepts TCP and never answers: one call waits its deadline, no more."""
+    """A replica that accepts TCP and never answers: one call waits its deadline, no more,
+    for a node's DirectoryClient and for a router's ScoreClient alike."""
     import socket
 
     with socket.socket() as hung:
@@ -217,6 +221,25 @@ def test_a_hung_replica_costs_at_most_one_deadline_then_is_skipped(
             assert health[silent]["calls"] == health[silent]["failures"] >= 1
         finally:
             client.close()
+
+        async def router() -> dict[str, dict[str, object]]:
+            score = ScoreClient([silent, replicas[1].endpoint], timeout_s=0.2)
+            try:
+                started = time.monotonic()
+                with contextlib.suppress(ScoreError):  # the hung one may take the deadline
+                    await score.score(keys(3))
+                assert time.monotonic() - started < 0.3
+                for _ in range(20):  # then a probe on the loop, never a request, waits on it
+                    started = time.monotonic()
+                    await score.score(keys(3))
+                    assert time.monotonic() - started < 0.1
+                    await asyncio.sleep(0.1)
+                return score.replica_health()
+            finally:
+                await score.close()
+
+        health = asyncio.run(router())
+        assert not health[silent]["up"] and health[silent]["failures"] >= 2  # probed again
 
 
 def test_the_scaling_benchmark_drives_replicas_and_reports_each_setup() -> None:
@@ -346,3 +369,31 @@ def test_a_misconfigured_replica_listed_first_is_outvoted() -> None:
             assert all(consumer.locate(held).holders)
         health = consumer.replica_health()
         assert health[b.endpoint]["split"] and not health[a.endpoint]["split"], health
+
+
+def test_a_router_stops_scoring_from_a_replica_on_another_store() -> None:
+    """The proxy's ScoreClient lists the replica on the wrong Redis first: once the two
+    that agree have answered, it is split off and every score shows the holder."""
+    with (
+        RedisServer() as right,
+        RedisServer() as wrong,
+        holder_and_consumer([wrong.url, right.url, right.url], 30) as (started, holder, _),
+    ):
+        b = started[0]
+        holder.start()
+        held = keys(20)
+        holder.publish(held)
+        assert holder.flush(20)
+
+        async def scores() -> tuple[list[list[str]], dict[str, dict[str, object]]]:
+            client = ScoreClient([p.endpoint for p in started], timeout_s=2.0)
+            try:
+                answers = [[s.node_id for s in await client.score(held)] for _ in range(9)]
+                return answers, client.replica_health()
+            finally:
+                await client.close()
+
+        answers, health = asyncio.run(scores())
+        # The very first answer may come from the wrong store: nothing to compare yet.
+        assert answers[1:] == [["holder"]] * 8, answers
+        assert health[b.endpoint]["split"], health

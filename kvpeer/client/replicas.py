@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,7 +64,8 @@ class Replica:
     """One directory endpoint: its channel and health. Figures guarded by the set's lock."""
 
     target: str
-    channel: grpc.Channel
+    #: A ``grpc.Channel``, or a ``grpc.aio.Channel`` for an asyncio set.
+    channel: Any
     stub: directory_pb2_grpc.DirectoryStub
     down_until: float = 0.0
     down_for_s: float = 0.0
@@ -113,6 +114,8 @@ class DirectoryReplicas:
         down_for_s: how long a replica that could not answer is tried last.
         on_failure: called with a replica's target each time a call to it fails
             with a failover status (metrics); from the calling thread.
+        aio: asyncio channels, for :meth:`call_async` (routers); :meth:`call`,
+            :meth:`probe` and :meth:`check_stores` are then not for use.
     """
 
     def __init__(
@@ -123,11 +126,15 @@ class DirectoryReplicas:
         *,
         down_for_s: float = 1.0,
         on_failure: Callable[[str], None] | None = None,
+        aio: bool = False,
     ) -> None:
         security = security or Security()
+        open_channel = security.open_aio_channel if aio else security.open_channel
+        # An asyncio channel does not attach the token: each call passes it.
+        self._metadata = security.call_metadata() if aio else None
         self.replicas = []
         for target in parse_directory_endpoints(endpoints):
-            channel = security.open_channel(target, options)
+            channel = open_channel(target, options)
             self.replicas.append(
                 Replica(target, channel, directory_pb2_grpc.DirectoryStub(channel))
             )
@@ -162,16 +169,31 @@ class DirectoryReplicas:
 
         For the background thread (it blocks up to ``timeout_s`` per replica).
         """
-        now = time.monotonic()
-        with self._lock:
-            due = [r for r in self.replicas if r.down_for_s and r.down_until <= now]
-        for replica in due:
+        for replica in self.recovering():
             try:
                 replica.stub.Stats(pb.StatsRequest(), timeout=timeout_s)
             except grpc.RpcError as exc:
                 self._failed(replica, exc)
             else:
                 self._answered(replica, current=False)
+
+    async def probe_async(self, timeout_s: float) -> None:
+        """:meth:`probe` on asyncio channels (``aio=True``), for a task of the caller's loop."""
+        for replica in self.recovering():
+            try:
+                await replica.stub.Stats(
+                    pb.StatsRequest(), timeout=timeout_s, metadata=self._metadata
+                )
+            except grpc.RpcError as exc:
+                self._failed(replica, exc)
+            else:
+                self._answered(replica, current=False)
+
+    def recovering(self) -> list[Replica]:
+        """The replicas whose down time is over but that have not answered since."""
+        now = time.monotonic()
+        with self._lock:
+            return [r for r in self.replicas if r.down_for_s and r.down_until <= now]
 
     def check_stores(self, store_id: str, timeout_s: float) -> None:
         """Make ``store_id`` (the last join's) the directory's; ask every other replica.
@@ -211,35 +233,30 @@ class DirectoryReplicas:
         :data:`FAILOVER_CODES` while time is left; raises the last
         ``grpc.RpcError`` when no replica answered, any other status at once.
         """
-        error: grpc.RpcError | None = None
-        for replica in self.order(sticky=sticky):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 and error is not None:
-                break
-            timeout = remaining if per_try_s is None else min(remaining, per_try_s)
+        failed: list[grpc.RpcError] = []
+        for replica, timeout in self._tries(deadline, sticky, per_try_s, failed):
             try:
-                response = getattr(replica.stub, method)(request, timeout=max(0.001, timeout))
+                response = getattr(replica.stub, method)(request, timeout=timeout)
             except grpc.RpcError as exc:
-                code = exc.code() if isinstance(exc, grpc.Call) else None
-                if code not in FAILOVER_CODES:
-                    self._answered(replica)
-                    raise
-                self._failed(replica, exc)
-                error = exc
+                failed.append(self._failed_over(replica, exc))
                 continue
-            if method == "Join":
-                with self._lock:  # a join defines the directory: see check_stores
-                    replica.store_id = getattr(response, "store_id", "")
-            elif not self._same_store(replica, response):
+            if self._accepted(replica, method, response):
+                return response
+        raise self._last(failed)
+
+    async def call_async(self, method: str, request: Any, *, deadline: float) -> Any:
+        """:meth:`call` on asyncio channels (``aio=True``), not sticky, one try per replica."""
+        failed: list[grpc.RpcError] = []
+        for replica, timeout in self._tries(deadline, False, None, failed):
+            try:
+                call = getattr(replica.stub, method)
+                response = await call(request, timeout=timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                failed.append(self._failed_over(replica, exc))
                 continue
-            self._answered(replica)
-            return response
-        if error is None:
-            raise OtherStoreError(
-                f"directory replicas {', '.join(self.targets)} changed stores during the "
-                "call: see the errors logged above"
-            )
-        raise error
+            if self._accepted(replica, method, response):
+                return response
+        raise self._last(failed)
 
     def health(self) -> dict[str, dict[str, Any]]:
         """Per replica: ``up`` (answered its last call), ``calls``, ``failures``, ``last_error``."""
@@ -258,6 +275,11 @@ class DirectoryReplicas:
     def close(self) -> None:
         for replica in self.replicas:
             replica.channel.close()
+
+    async def close_async(self) -> None:
+        """:meth:`close` for asyncio channels (``aio=True``)."""
+        for replica in self.replicas:
+            await replica.channel.close()
 
     def _same_store(self, replica: Replica, response: Any) -> bool:
         """Whether ``replica``'s answer comes from the directory's store; split it if not."""
@@ -297,6 +319,46 @@ class DirectoryReplicas:
             )
         return store_id == reference
 
+    def _tries(
+        self, deadline: float, sticky: bool, per_try_s: float | None, failed: list[Any]
+    ) -> Iterator[tuple[Replica, float]]:
+        """Each replica to try, in :meth:`order`, with its timeout; stops at ``deadline``
+        once a try has ``failed`` (the first one always gets its chance)."""
+        for replica in self.order(sticky=sticky):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 and failed:
+                return
+            timeout = remaining if per_try_s is None else min(remaining, per_try_s)
+            yield replica, max(0.001, timeout)
+
+    def _failed_over(self, replica: Replica, exc: grpc.RpcError) -> grpc.RpcError:
+        """``exc`` from ``replica``: returned when another replica may answer, else raised."""
+        code = exc.code() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else None
+        if code not in FAILOVER_CODES:
+            self._answered(replica)
+            raise exc
+        self._failed(replica, exc)
+        return exc
+
+    def _accepted(self, replica: Replica, method: str, response: Any) -> bool:
+        """Whether to return ``replica``'s answer: not when it comes from another store."""
+        if method == "Join":
+            with self._lock:  # a join defines the directory: see check_stores
+                replica.store_id = getattr(response, "store_id", "")
+        elif not self._same_store(replica, response):
+            return False
+        self._answered(replica)
+        return True
+
+    def _last(self, failed: list[grpc.RpcError]) -> grpc.RpcError:
+        """What a call that got no answer raises: the last failure."""
+        if failed:
+            return failed[-1]
+        return OtherStoreError(
+            f"directory replicas {', '.join(self.targets)} changed stores during the "
+            "call: see the errors logged above"
+        )
+
     def _answered(self, replica: Replica, *, current: bool = True) -> None:
         """``replica`` answered: healthy again; with ``current``, sticky calls go to it."""
         with self._lock:
@@ -307,7 +369,7 @@ class DirectoryReplicas:
                 self._current = self.replicas.index(replica)
 
     def _failed(self, replica: Replica, exc: grpc.RpcError) -> None:
-        details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+        details = exc.details() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else str(exc)
         with self._lock:
             replica.calls += 1
             replica.failures += 1

@@ -1,14 +1,15 @@
 """Asking the directory how much of a request's prefix each node holds (Directory.Score).
 
-:class:`ScoreClient` is for routers (``kvpeer proxy --route prefix``): one asyncio
-gRPC channel, every call bounded by a short deadline, and every failure — directory
-down, slow, refusing, or answering nonsense — raised as :class:`ScoreError` so the
-caller can fall back without ever failing a request. It needs no registration
-(routers are not nodes) and never imports torch or vLLM.
+:class:`ScoreClient` is for routers (``kvpeer proxy --route prefix``): an asyncio gRPC
+channel per directory replica, every call bounded by a short deadline, and every
+failure — directory down, slow, refusing, or answering nonsense — raised as
+:class:`ScoreError` so the caller can fall back without ever failing a request. It
+needs no registration (routers are not nodes) and never imports torch or vLLM.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -18,9 +19,8 @@ import grpc
 
 from kvpeer.api.limits import MAX_KEYS_PER_CALL
 from kvpeer.api.security import Security
-from kvpeer.client.replicas import FAILOVER_CODES, parse_directory_endpoints
+from kvpeer.client.replicas import DirectoryReplicas
 from kvpeer.v1 import directory_pb2 as pb
-from kvpeer.v1 import directory_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,8 @@ _REASONS = {
     grpc.StatusCode.UNAVAILABLE: "unavailable",
     grpc.StatusCode.UNIMPLEMENTED: "unimplemented",
 }
-#: How long a replica that could not answer is asked only after the others.
-_DOWN_S = 1.0
+#: Deadline of a probe of a replica that could not answer (off the request path).
+_PROBE_TIMEOUT_S = 1.0
 
 
 class ScoreError(Exception):
@@ -64,12 +64,15 @@ class NodeScore:
 
 
 class ScoreClient:
-    """Directory.Score over one asyncio channel. Create, use and close on one event loop.
+    """Directory.Score over asyncio channels. Create, use and close on one event loop.
 
     Args:
         endpoint: the directory's ``host:port``, or several replicas on one Redis (a
-            list or comma-separated): a call goes to the first that is not down; one
-            that could not answer is down for a second (the next call asks another).
+            list or comma-separated): calls rotate over the healthy ones and fail
+            over within the deadline; one that could not answer is asked last until
+            a probe (a task on the caller's loop) finds it back, and one that serves
+            another store than most of them is not asked at all
+            (:class:`~kvpeer.client.replicas.DirectoryReplicas`).
         timeout_s: deadline of each call (routing must stay cheap: a few ms).
         fingerprint: score only this namespace (digest); empty scores every one.
         security: the TLS files and/or bearer token the directory requires (a
@@ -84,14 +87,11 @@ class ScoreClient:
         fingerprint: str = "",
         security: Security | None = None,
     ) -> None:
-        self.targets = parse_directory_endpoints(endpoint)
+        self._replicas = DirectoryReplicas(endpoint, security, _CHANNEL_OPTIONS, aio=True)
+        self.targets = self._replicas.targets
         self.timeout_s = timeout_s
         self.fingerprint = fingerprint
-        security = security or Security()
-        self._metadata = security.call_metadata()
-        self._channels = [security.open_aio_channel(t, _CHANNEL_OPTIONS) for t in self.targets]
-        self._stubs = [directory_pb2_grpc.DirectoryStub(c) for c in self._channels]
-        self._down_until = [0.0] * len(self.targets)
+        self._probing: asyncio.Task[None] | None = None
 
     async def score(self, keys: Sequence[bytes]) -> list[NodeScore]:
         """Every live node's longest prefix of ``keys`` (the first 4,096 count), longest first.
@@ -101,31 +101,19 @@ class ScoreClient:
         if not keys:
             raise ValueError("Score needs at least one key")
         request = pb.ScoreRequest(fingerprint=self.fingerprint, keys=keys[:MAX_KEYS_PER_CALL])
-        deadline = time.monotonic() + self.timeout_s
-        now = time.monotonic()
-        order = sorted(range(len(self.targets)), key=lambda i: self._down_until[i] > now)
-        error: ScoreError | None = None
-        for index in order:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 and error is not None:
-                break
-            try:
-                response = await self._stubs[index].Score(
-                    request, timeout=max(0.0005, remaining), metadata=self._metadata
-                )
-                break
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-                error = ScoreError(
-                    _REASONS.get(code, "refused"),
-                    f"directory at {self.targets[index]}: {code.name}: {exc.details()}",
-                )
-                if code not in FAILOVER_CODES:
-                    raise error from None
-                self._down_until[index] = time.monotonic() + _DOWN_S
-        else:
-            assert error is not None
-            raise error
+        self._probe_recovering()
+        try:
+            response = await self._replicas.call_async(
+                "Score", request, deadline=time.monotonic() + self.timeout_s
+            )
+        except grpc.RpcError as exc:
+            code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
+            details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            reason = "refused" if code is None else _REASONS.get(code, "refused")
+            name = "no answer" if code is None else code.name
+            raise ScoreError(
+                reason, f"directory at {', '.join(self.targets)}: {name}: {details}"
+            ) from None
         out = []
         for node in response.nodes:
             has_load = node.HasField("load")
@@ -143,9 +131,19 @@ class ScoreClient:
             )
         return out
 
+    def replica_health(self) -> dict[str, dict[str, object]]:
+        """Per directory replica: up, calls, failures, last error, split."""
+        return self._replicas.health()
+
     async def close(self) -> None:
-        for channel in self._channels:
-            await channel.close()
+        if self._probing is not None:
+            self._probing.cancel()
+        await self._replicas.close_async()
+
+    def _probe_recovering(self) -> None:
+        """Start a probe of the replicas due one, unless one runs: never on the call's path."""
+        if self._replicas.recovering() and (self._probing is None or self._probing.done()):
+            self._probing = asyncio.ensure_future(self._replicas.probe_async(_PROBE_TIMEOUT_S))
 
 
 def load_message(load: Callable[[], Mapping[str, int]] | None) -> pb.NodeLoad | None:

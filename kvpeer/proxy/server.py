@@ -384,6 +384,9 @@ class _Proxy:
             "prefill": prefill,
             "decode": decode,
         }
+        if self._router is not None and self._router.directory is not None:
+            # Not a health condition: routing falls back to round-robin without it.
+            body["directory"] = self._router.directory.replica_health()
         if down:
             body["error"] = "; ".join(down)
         return web.json_response(body, status=503 if down else 200)

@@ -216,7 +216,9 @@ class NodeScore(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., epoch: _Optional[int] = ..., fingerprint: _Optional[str] = ..., prefix_keys: _Optional[int] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ..., load_age_ms: _Optional[int] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("nodes",)
+    __slots__ = ("nodes", "store_id")
     NODES_FIELD_NUMBER: _ClassVar[int]
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeScore]
-    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeScore, _Mapping]]] = ...) -> None: ...
+    store_id: str
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeScore, _Mapping]]] = ..., store_id: _Optional[str] = ...) -> None: ...

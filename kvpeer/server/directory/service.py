@@ -360,7 +360,9 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServicer):
         caller = self.authz.principal(context)  # namespaces it may see, epochs it may use
         scored = [n for n in scored if self.authz.sees_namespace(caller, n.fingerprint)]
         self.metrics.keys.labels("Score").inc(len(keys))
-        return score_response(scored, lambda node_id: self.authz.sees_epoch(caller, node_id))
+        response = score_response(scored, lambda node_id: self.authz.sees_epoch(caller, node_id))
+        response.store_id = self.store.store_id
+        return response
 
     @_rpc
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:
