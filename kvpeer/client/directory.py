@@ -40,7 +40,12 @@ from kvpeer.api.fingerprint import Fingerprint
 from kvpeer.api.limits import MAX_KEY_BYTES, MAX_KEYS_PER_CALL
 from kvpeer.api.security import Security
 from kvpeer.client.location import Holder, Location
-from kvpeer.client.replicas import FAILOVER_CODES, DirectoryReplicas
+from kvpeer.client.replicas import (
+    FAILOVER_CODES,
+    DirectoryReplicas,
+    status_code,
+    status_details,
+)
 from kvpeer.client.score import load_message
 from kvpeer.v1 import directory_pb2 as pb
 
@@ -74,13 +79,8 @@ def _check_keys(keys: Iterable[bytes]) -> list[bytes]:
 
 
 def _describe(exc: grpc.RpcError) -> str:
-    code = exc.code() if isinstance(exc, grpc.Call) else None
-    details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-    return f"{code.name if code else 'ERROR'}: {details}"
-
-
-def _code(exc: grpc.RpcError) -> grpc.StatusCode | None:
-    return exc.code() if isinstance(exc, grpc.Call) else None
+    code = status_code(exc)
+    return f"{code.name if code else 'ERROR'}: {status_details(exc)}"
 
 
 class DirectoryClient:
@@ -385,7 +385,7 @@ class DirectoryClient:
         with self._cond:
             self._stats["errors"] += 1
             self._last_error = error
-            if _code(exc) in _UNREACHABLE:
+            if status_code(exc) in _UNREACHABLE:
                 self._connected = False
                 self._locate_blocked_until = time.monotonic() + self._locate_backoff
         return self._nobody(keys, error)
@@ -440,7 +440,7 @@ class DirectoryClient:
 
     def _failed(self, what: str, exc: grpc.RpcError) -> None:
         """Record a failed background call (lock held): re-join, or retry after a back-off."""
-        if _code(exc) in _REJOIN and self._epoch is not None:
+        if status_code(exc) in _REJOIN and self._epoch is not None:
             log.info(
                 "directory forgot node %s (%s: %s): joining again",
                 self.node_id,
@@ -550,7 +550,7 @@ class DirectoryClient:
         except grpc.RpcError as exc:
             with self._cond:
                 self._inflight = False
-                if _code(exc) in _REFUSED_BATCH:  # sending it again would be refused again
+                if status_code(exc) in _REFUSED_BATCH:  # sending it again would be refused again
                     log.error("directory refused a batch of %d keys: %s", len(keys), _describe(exc))
                     self._stats["errors"] += 1
                 else:

@@ -59,6 +59,16 @@ FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLIN
 _DOWN_MAX_S = 30.0
 
 
+def status_code(exc: grpc.RpcError) -> grpc.StatusCode | None:
+    """The status of a failed call (sync or asyncio); None for an error without one."""
+    return exc.code() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else None
+
+
+def status_details(exc: grpc.RpcError) -> str:
+    """What the server (or gRPC) said of a failed call, sync or asyncio."""
+    return exc.details() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else str(exc)
+
+
 @dataclass
 class Replica:
     """One directory endpoint: its channel and health. Figures guarded by the set's lock."""
@@ -205,9 +215,7 @@ class DirectoryReplicas:
         if len(self.replicas) < 2 or not store_id:
             return
         with self._lock:
-            self._store_id = store_id
-            for r in self.replicas:
-                r.split = bool(r.store_id) and r.store_id != store_id
+            self._follow(store_id)
             due = [r for r in self.replicas if r.store_id != store_id]
         for replica in due:
             try:
@@ -291,9 +299,8 @@ class DirectoryReplicas:
             replica.store_id = store_id
             known = [r.store_id for r in self.replicas]
             if self._store_id is None or known.count(store_id) > known.count(self._store_id):
-                followed, self._store_id = self._store_id, store_id
-                for r in self.replicas:
-                    r.split = bool(r.store_id) and r.store_id != store_id
+                followed = self._store_id
+                self._follow(store_id)
             reference = self._store_id
             newly = store_id != reference and not replica.split
             replica.split = store_id != reference
@@ -319,6 +326,15 @@ class DirectoryReplicas:
             )
         return store_id == reference
 
+    def _follow(self, store_id: str) -> None:
+        """Make ``store_id`` the directory's: split the replicas known to serve another.
+
+        Under the lock.
+        """
+        self._store_id = store_id
+        for r in self.replicas:
+            r.split = bool(r.store_id) and r.store_id != store_id
+
     def _tries(
         self, deadline: float, sticky: bool, per_try_s: float | None, failed: list[Any]
     ) -> Iterator[tuple[Replica, float]]:
@@ -333,8 +349,7 @@ class DirectoryReplicas:
 
     def _failed_over(self, replica: Replica, exc: grpc.RpcError) -> grpc.RpcError:
         """``exc`` from ``replica``: returned when another replica may answer, else raised."""
-        code = exc.code() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else None
-        if code not in FAILOVER_CODES:
+        if status_code(exc) not in FAILOVER_CODES:
             self._answered(replica)
             raise exc
         self._failed(replica, exc)
@@ -369,7 +384,7 @@ class DirectoryReplicas:
                 self._current = self.replicas.index(replica)
 
     def _failed(self, replica: Replica, exc: grpc.RpcError) -> None:
-        details = exc.details() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else str(exc)
+        details = status_details(exc)
         with self._lock:
             replica.calls += 1
             replica.failures += 1

@@ -19,7 +19,7 @@ import grpc
 
 from kvpeer.api.limits import MAX_KEYS_PER_CALL
 from kvpeer.api.security import Security
-from kvpeer.client.replicas import DirectoryReplicas
+from kvpeer.client.replicas import DirectoryReplicas, status_code, status_details
 from kvpeer.v1 import directory_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -107,12 +107,12 @@ class ScoreClient:
                 "Score", request, deadline=time.monotonic() + self.timeout_s
             )
         except grpc.RpcError as exc:
-            code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
-            details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            code = status_code(exc)
             reason = "refused" if code is None else _REASONS.get(code, "refused")
             name = "no answer" if code is None else code.name
             raise ScoreError(
-                reason, f"directory at {', '.join(self.targets)}: {name}: {details}"
+                reason,
+                f"directory at {', '.join(self.targets)}: {name}: {status_details(exc)}",
             ) from None
         out = []
         for node in response.nodes:
